@@ -1,0 +1,117 @@
+//! The accept loop: one task per listening socket.
+//!
+//! Backpressure: an association runs only while it holds a permit of the shared semaphore
+//! (`gateway.max_associations`). A connection that finds none is answered A-ASSOCIATE-RJ
+//! transient (local-limit-exceeded) by a short task that itself needs one of a bounded number
+//! of refusal permits; beyond those the connection is closed at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_ul::pdu::Pdu;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::association::{self, negotiate, pdu, Shared};
+
+/// Connections being refused at once, at most.
+const MAX_REFUSALS: usize = 64;
+
+/// Limits shared by every listener.
+#[derive(Clone)]
+pub struct Permits {
+    pub associations: Arc<Semaphore>,
+    refusals: Arc<Semaphore>,
+    limit: u32,
+}
+
+impl Permits {
+    pub fn new(limit: u32) -> Self {
+        Permits {
+            associations: Arc::new(Semaphore::new(limit as usize)),
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
+            limit,
+        }
+    }
+
+    /// Associations in progress.
+    pub fn active(&self) -> usize {
+        (self.limit as usize).saturating_sub(self.associations.available_permits())
+    }
+}
+
+/// Accepts until `shared.shutdown` is cancelled. Association tasks go to `tracker`, so the
+/// caller can wait for them.
+pub async fn accept_loop(
+    listener: TcpListener,
+    shared: Shared,
+    permits: Permits,
+    tracker: TaskTracker,
+) {
+    let local = listener.local_addr().ok();
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            () = shared.shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (socket, peer) = match accepted {
+            Ok(x) => {
+                backoff = Duration::from_millis(10);
+                x
+            }
+            Err(e) => {
+                // EMFILE and friends: wait instead of spinning; the error clears as
+                // associations end.
+                log::error!(listener:? = local, error:% = e; "accept failed; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        // DESIGN.md section 5: Nagle plus delayed ACK costs ~40 ms per DIMSE message.
+        let _ = socket.set_nodelay(true);
+        match permits.associations.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let shared = shared.clone();
+                tracker.spawn(async move {
+                    association::serve(socket, peer, shared).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => match permits.refusals.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let shared = shared.clone();
+                    let limit = permits.limit;
+                    tracker.spawn(async move {
+                        refuse_busy(socket, peer, &shared, limit).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    log::warn!(peer:% = peer; "connection dropped: association limit and refusal queue both full");
+                }
+            },
+        }
+    }
+}
+
+/// Reads the A-ASSOCIATE-RQ and answers A-ASSOCIATE-RJ transient, local-limit-exceeded.
+async fn refuse_busy(socket: TcpStream, peer: SocketAddr, shared: &Shared, limit: u32) {
+    let g = &shared.config.gateway;
+    let (rd, mut wr) = socket.into_split();
+    let mut reader = pdu::PduReader::new(rd);
+    let rq = reader.next(g.artim_timeout, g.max_pdu_length).await;
+    let Ok(pdu::Frame::Other(Pdu::AssociationRQ(rq))) = rq else {
+        return;
+    };
+    let refusal = negotiate::limit_refusal(limit);
+    log::warn!(
+        peer:% = peer, calling_ae:% = rq.calling_ae_title.trim(), called_ae:% = rq.called_ae_title.trim(),
+        reason:% = refusal.reason;
+        "association rejected: {}", refusal.rj.source
+    );
+    let _ = pdu::send(&mut wr, &Pdu::AssociationRJ(refusal.rj), g.write_timeout).await;
+}

@@ -1,0 +1,431 @@
+//! The redb index: what is stored, looked up by instance, study, series and content hash.
+//!
+//! One thread owns the write side ([`IndexThread`]). Concurrent associations hand it finished
+//! spool files; it renames a whole batch into place, fsyncs the touched directories once, and
+//! commits all their rows in one durable transaction (group commit). Each waiting C-STORE is
+//! answered when the commit that contains it has returned.
+//!
+//! Schema version 1 (key → value):
+//! - `meta`: "schema_version" → u32 LE; "clean_shutdown" → [0 | 1]
+//! - `instances`: SOP Instance UID → [`InstanceRecord`] (postcard)
+//! - `study_instances`, `series_instances`: (Study or Series UID, SOP Instance UID) → ()
+//! - `files`: dataset BLAKE3 hash → SOP Instance UID
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::spool::{self, Hash};
+
+pub const SCHEMA_VERSION: u32 = 1;
+pub const INDEX_FILE: &str = "index.redb";
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
+const STUDIES: TableDefinition<(&str, &str), ()> = TableDefinition::new("study_instances");
+const SERIES: TableDefinition<(&str, &str), ()> = TableDefinition::new("series_instances");
+const FILES: TableDefinition<&[u8], &str> = TableDefinition::new("files");
+
+/// Largest batch one group commit takes; bounds the latency of the last one in it.
+const MAX_BATCH: usize = 256;
+
+/// One indexed instance. The spool file is `spool::relative_path(&checksum)`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceRecord {
+    pub sop_instance_uid: String,
+    pub sop_class_uid: String,
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub patient_id: String,
+    pub modality: String,
+    pub accession_number: String,
+    pub study_date: String,
+    pub transfer_syntax: String,
+    /// Dataset bytes (without preamble and file meta group).
+    pub size: u64,
+    /// BLAKE3 of the dataset bytes.
+    pub checksum: Hash,
+    pub calling_ae: String,
+    /// Unix time in milliseconds.
+    pub received_at_ms: u64,
+    /// Reserved for the forwarding queue; 0 = stored.
+    pub state: u8,
+}
+
+/// What a commit did with an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// A new instance.
+    Stored,
+    /// Same SOP Instance UID and identical dataset bytes: nothing new was kept.
+    Duplicate,
+    /// Same SOP Instance UID, different bytes: the new version replaced the old one.
+    Replaced,
+}
+
+pub type IndexResult<T> = Result<T, String>;
+
+/// A finished, fsynced temporary file waiting to be indexed.
+pub struct Pending {
+    pub tmp: PathBuf,
+    pub record: InstanceRecord,
+}
+
+type Reply = tokio::sync::oneshot::Sender<IndexResult<CommitOutcome>>;
+
+enum Request {
+    Commit(Box<Pending>, Reply),
+}
+
+/// Opens (or creates) the index and checks the schema version. Returns whether the previous run
+/// ended cleanly, and marks this run as not (yet) clean.
+pub fn open(data_dir: &Path, cache_bytes: usize) -> IndexResult<(Database, bool)> {
+    let path = data_dir.join(INDEX_FILE);
+    let db = redb::Builder::new()
+        .set_cache_size(cache_bytes)
+        .set_repair_callback(|s| {
+            log::warn!(progress:% = format!("{:.0}%", s.progress() * 100.0); "repairing the index after an unclean shutdown");
+        })
+        .create(&path)
+        .map_err(|e| format!("cannot open index {}: {e}", path.display()))?;
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    let clean = {
+        let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+        let version = meta
+            .get("schema_version")
+            .map_err(|e| e.to_string())?
+            .map(|v| v.value().try_into().map(u32::from_le_bytes).unwrap_or(0));
+        // A new index has no previous run to distrust.
+        let fresh = version.is_none();
+        match version {
+            Some(SCHEMA_VERSION) => {}
+            None => {
+                meta.insert("schema_version", SCHEMA_VERSION.to_le_bytes().as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+            Some(v) => {
+                return Err(format!(
+                    "index {} has schema version {v}; this gateway understands version {SCHEMA_VERSION}",
+                    path.display()
+                ))
+            }
+        }
+        let clean = fresh
+            || meta
+                .get("clean_shutdown")
+                .map_err(|e| e.to_string())?
+                .is_some_and(|v| v.value() == [1]);
+        meta.insert("clean_shutdown", [0u8].as_slice())
+            .map_err(|e| e.to_string())?;
+        // Create the other tables so read transactions never see them missing.
+        txn.open_table(INSTANCES).map_err(|e| e.to_string())?;
+        txn.open_table(STUDIES).map_err(|e| e.to_string())?;
+        txn.open_table(SERIES).map_err(|e| e.to_string())?;
+        txn.open_table(FILES).map_err(|e| e.to_string())?;
+        clean
+    };
+    txn.commit().map_err(|e| e.to_string())?;
+    Ok((db, clean))
+}
+
+/// Records that this run ended cleanly: the next start may skip the reconciliation scan.
+pub fn mark_clean(db: &Database) -> IndexResult<()> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    txn.open_table(META)
+        .map_err(|e| e.to_string())?
+        .insert("clean_shutdown", [1u8].as_slice())
+        .map_err(|e| e.to_string())?;
+    txn.commit().map_err(|e| e.to_string())
+}
+
+/// The current record of an instance, if any.
+pub fn existing(
+    txn: &WriteTransaction,
+    sop_instance_uid: &str,
+) -> IndexResult<Option<InstanceRecord>> {
+    let instances = txn.open_table(INSTANCES).map_err(|e| e.to_string())?;
+    let row = instances.get(sop_instance_uid).map_err(|e| e.to_string())?;
+    match row {
+        None => Ok(None),
+        Some(v) => postcard::from_bytes(v.value())
+            .map(Some)
+            .map_err(|e| format!("corrupt index row for {sop_instance_uid}: {e}")),
+    }
+}
+
+/// Inserts `rec`, replacing `old` (the current record of the same SOP Instance UID) if given.
+pub fn put(
+    txn: &WriteTransaction,
+    rec: &InstanceRecord,
+    old: Option<&InstanceRecord>,
+) -> IndexResult<()> {
+    let e = |e: redb::Error| e.to_string();
+    let bytes = postcard::to_stdvec(rec).map_err(|x| x.to_string())?;
+    txn.open_table(INSTANCES)
+        .map_err(|x| e(x.into()))?
+        .insert(rec.sop_instance_uid.as_str(), bytes.as_slice())
+        .map_err(|x| e(x.into()))?;
+    let mut studies = txn.open_table(STUDIES).map_err(|x| e(x.into()))?;
+    let mut series = txn.open_table(SERIES).map_err(|x| e(x.into()))?;
+    let mut files = txn.open_table(FILES).map_err(|x| e(x.into()))?;
+    if let Some(old) = old {
+        studies
+            .remove((
+                old.study_instance_uid.as_str(),
+                old.sop_instance_uid.as_str(),
+            ))
+            .map_err(|x| e(x.into()))?;
+        series
+            .remove((
+                old.series_instance_uid.as_str(),
+                old.sop_instance_uid.as_str(),
+            ))
+            .map_err(|x| e(x.into()))?;
+        files
+            .remove(old.checksum.as_slice())
+            .map_err(|x| e(x.into()))?;
+    }
+    studies
+        .insert(
+            (
+                rec.study_instance_uid.as_str(),
+                rec.sop_instance_uid.as_str(),
+            ),
+            (),
+        )
+        .map_err(|x| e(x.into()))?;
+    series
+        .insert(
+            (
+                rec.series_instance_uid.as_str(),
+                rec.sop_instance_uid.as_str(),
+            ),
+            (),
+        )
+        .map_err(|x| e(x.into()))?;
+    files
+        .insert(rec.checksum.as_slice(), rec.sop_instance_uid.as_str())
+        .map_err(|x| e(x.into()))?;
+    Ok(())
+}
+
+/// Whether some row refers to the file with this hash.
+pub fn has_file(db: &Database, hash: &Hash) -> IndexResult<bool> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let files = txn.open_table(FILES).map_err(|e| e.to_string())?;
+    Ok(files
+        .get(hash.as_slice())
+        .map_err(|e| e.to_string())?
+        .is_some())
+}
+
+/// Every instance record, in SOP Instance UID order.
+pub fn all_instances(db: &impl ReadableDatabase) -> IndexResult<Vec<InstanceRecord>> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let table = txn.open_table(INSTANCES).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for row in table.iter().map_err(|e| e.to_string())? {
+        let (_, v) = row.map_err(|e| e.to_string())?;
+        out.push(postcard::from_bytes(v.value()).map_err(|e| format!("corrupt index row: {e}"))?);
+    }
+    Ok(out)
+}
+
+/// SOP Instance UIDs of one study.
+pub fn study_instances(db: &impl ReadableDatabase, study_uid: &str) -> IndexResult<Vec<String>> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let table = txn.open_table(STUDIES).map_err(|e| e.to_string())?;
+    let range = table.range((study_uid, "")..).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for row in range {
+        let (k, ()) = row
+            .map_err(|e| e.to_string())
+            .map(|(k, v)| (k, v.value()))?;
+        let (study, sop) = k.value();
+        if study != study_uid {
+            break;
+        }
+        out.push(sop.to_owned());
+    }
+    Ok(out)
+}
+
+/// The sending side of the index thread.
+#[derive(Clone)]
+pub struct IndexHandle {
+    tx: mpsc::SyncSender<Request>,
+}
+
+impl IndexHandle {
+    /// Queues a commit; the answer comes once the commit holding it is durable.
+    pub async fn commit(&self, pending: Pending) -> IndexResult<CommitOutcome> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let tx = self.tx.clone();
+        // The channel is bounded: when the index thread falls behind, this waits (off the
+        // runtime) and the association stops reading, which is the backpressure we want.
+        tokio::task::spawn_blocking(move || {
+            tx.send(Request::Commit(Box::new(pending), reply))
+                .map_err(|_| ())
+        })
+        .await
+        .map_err(|e| format!("index queue task failed: {e}"))?
+        .map_err(|_| "the index has stopped after an earlier failure".to_owned())?;
+        rx.await
+            .map_err(|_| "the index has stopped after an earlier failure".to_owned())?
+    }
+}
+
+/// The write side of the index; runs on its own thread.
+pub struct IndexThread {
+    db: Database,
+    data_dir: PathBuf,
+    rx: mpsc::Receiver<Request>,
+}
+
+impl IndexThread {
+    pub fn new(db: Database, data_dir: PathBuf) -> (IndexThread, IndexHandle) {
+        let (tx, rx) = mpsc::sync_channel(MAX_BATCH);
+        (IndexThread { db, data_dir, rx }, IndexHandle { tx })
+    }
+
+    /// Serves commits until every [`IndexHandle`] is dropped, then returns the database.
+    /// Returns `Err` after a failed commit: redb then refuses writes until reopened, so the
+    /// caller must stop the gateway (systemd restarts it and redb repairs on open).
+    pub fn run(self) -> Result<Database, String> {
+        while let Ok(first) = self.rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match self.rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(batch)?;
+        }
+        Ok(self.db)
+    }
+
+    fn commit_batch(&self, batch: Vec<Request>) -> Result<(), String> {
+        let fail_all = |batch: Vec<(Reply, PathBuf)>, msg: &str| {
+            for (reply, tmp) in batch {
+                let _ = std::fs::remove_file(&tmp);
+                let _ = reply.send(Err(msg.to_owned()));
+            }
+        };
+        let txn = match self.db.begin_write() {
+            Ok(t) => t,
+            Err(e) => {
+                let msg = format!("index write transaction failed: {e}");
+                fail_all(
+                    batch
+                        .into_iter()
+                        .map(|Request::Commit(p, r)| (r, p.tmp))
+                        .collect(),
+                    &msg,
+                );
+                return Err(msg);
+            }
+        };
+        let mut results = Vec::with_capacity(batch.len());
+        let mut dirs = BTreeSet::new();
+        let mut orphans = Vec::new();
+        let mut fatal = None;
+        for Request::Commit(p, reply) in batch {
+            let r = match &fatal {
+                Some(msg) => Err(Placement::Fatal(String::clone(msg))),
+                None => self.place(&txn, &p, &mut dirs, &mut orphans),
+            };
+            if let Err(Placement::Fatal(msg)) = &r {
+                fatal.get_or_insert_with(|| msg.clone());
+            }
+            results.push((reply, r));
+        }
+        let mut committed = match fatal {
+            Some(msg) => Err(msg),
+            None => Ok(()),
+        };
+        if committed.is_ok() {
+            for d in &dirs {
+                if let Err(e) = spool::fsync_dir(d) {
+                    committed = Err(format!("fsync of {} failed: {e}", d.display()));
+                    break;
+                }
+            }
+        }
+        let committed = committed.and_then(|()| {
+            txn.commit()
+                .map_err(|e| format!("index commit failed: {e}"))
+        });
+        match committed {
+            Ok(()) => {
+                for h in orphans {
+                    // The row now points at the new version; the old file is unreferenced
+                    // unless a later instance of this batch brought the same bytes back.
+                    if has_file(&self.db, &h) == Ok(false) {
+                        let _ = std::fs::remove_file(self.data_dir.join(spool::relative_path(&h)));
+                    }
+                }
+                for (reply, r) in results {
+                    let _ = reply.send(r.map_err(|(Placement::Failed(m) | Placement::Fatal(m))| m));
+                }
+                Ok(())
+            }
+            Err(msg) => {
+                // Renamed files stay: they are complete and fsynced, and the reconciliation at
+                // the next start re-indexes them. Their senders get a failure and resend.
+                for (reply, _) in results {
+                    let _ = reply.send(Err(msg.clone()));
+                }
+                Err(msg)
+            }
+        }
+    }
+
+    /// Moves one pending file into place (unless it is a duplicate) and writes its rows.
+    fn place(
+        &self,
+        txn: &WriteTransaction,
+        p: &Pending,
+        dirs: &mut BTreeSet<PathBuf>,
+        orphans: &mut Vec<Hash>,
+    ) -> Result<CommitOutcome, Placement> {
+        let old = existing(txn, &p.record.sop_instance_uid).map_err(Placement::Fatal)?;
+        if old
+            .as_ref()
+            .is_some_and(|o| o.checksum == p.record.checksum)
+        {
+            let _ = std::fs::remove_file(&p.tmp);
+            return Ok(CommitOutcome::Duplicate);
+        }
+        let dest = self.data_dir.join(spool::relative_path(&p.record.checksum));
+        if let Err(e) = std::fs::rename(&p.tmp, &dest) {
+            let _ = std::fs::remove_file(&p.tmp);
+            return Err(Placement::Failed(format!(
+                "cannot move {} into the spool: {e}",
+                p.tmp.display()
+            )));
+        }
+        if let Some(parent) = dest.parent() {
+            dirs.insert(parent.to_path_buf());
+        }
+        put(txn, &p.record, old.as_ref()).map_err(Placement::Fatal)?;
+        Ok(match old {
+            Some(o) => {
+                orphans.push(o.checksum);
+                CommitOutcome::Replaced
+            }
+            None => CommitOutcome::Stored,
+        })
+    }
+}
+
+/// Why one instance of a batch was not placed.
+enum Placement {
+    /// Only this instance failed; the batch goes on.
+    Failed(String),
+    /// The transaction is no longer trustworthy; the whole batch fails.
+    Fatal(String),
+}

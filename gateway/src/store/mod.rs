@@ -1,0 +1,494 @@
+//! The durable store: spool files plus the redb index.
+//!
+//! # Durability contract
+//!
+//! [`Ingest::finish`] returns `Ok` only after, in this order:
+//! 1. the dataset bytes, behind a Part 10 preamble and file meta group, were written to a
+//!    temporary file under `tmp/` (same filesystem as the spool) and `sync_all`'d;
+//! 2. the file was renamed to `spool/<hh>/<hash>.dcm` and that directory fsynced;
+//! 3. the index rows were committed by redb with `Durability::Immediate`.
+//!
+//! Only then may the association answer C-STORE-RSP Success (PS3.4 Annex B.2.3). Steps 2 and 3
+//! are shared by every instance waiting at that moment (group commit, see [`index`]). Any
+//! failure before step 3 returns `Err`, and the temporary file is removed.
+//!
+//! Start-up ([`Store::open`]) empties `tmp/`; after an unclean shutdown it also re-indexes spool
+//! files that have no row (a crash between steps 2 and 3) and reports rows whose file is gone.
+//!
+//! # Bounded memory
+//!
+//! An instance is never held whole: [`Ingest::write`] buffers at most [`FLUSH_BYTES`] before
+//! writing to the file, and the index fields are parsed back from the file.
+
+pub mod index;
+pub mod parse;
+pub mod spool;
+
+use std::fs::File;
+use std::io::{self, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::Database;
+use snafu::Snafu;
+
+pub use index::{CommitOutcome, InstanceRecord};
+use index::{IndexHandle, IndexThread, Pending};
+use spool::{FileMeta, Hash};
+
+/// Bytes buffered per instance before a write to the spool file.
+pub const FLUSH_BYTES: usize = 256 * 1024;
+
+/// redb page cache; the index is small next to the spool, and the OS caches the rest.
+const INDEX_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, Snafu)]
+pub enum StoreError {
+    #[snafu(display(
+        "free space on {} is {} MiB, below the reserve of {} MiB (gateway.min_free_disk_mb)",
+        data_dir.display(), free / (1 << 20), reserve / (1 << 20)
+    ))]
+    DiskReserve {
+        data_dir: PathBuf,
+        free: u64,
+        reserve: u64,
+    },
+    #[snafu(display("cannot write {}: {source}", path.display()))]
+    Io { path: PathBuf, source: io::Error },
+    #[snafu(display(
+        "SOP {what} in the command ({command}) differs from the dataset ({dataset})"
+    ))]
+    Mismatch {
+        what: &'static str,
+        command: String,
+        dataset: String,
+    },
+    #[snafu(display("dataset cannot be indexed: {reason}"))]
+    CannotUnderstand { reason: String },
+    #[snafu(display("index: {message}"))]
+    Index { message: String },
+    #[snafu(display("store task failed: {message}"))]
+    Task { message: String },
+}
+
+/// What the command set says about an incoming instance. UIDs are already validated.
+#[derive(Clone, Debug)]
+pub struct IncomingInstance {
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub transfer_syntax: String,
+    pub calling_ae: String,
+}
+
+/// A stored instance as the association reports it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub outcome: CommitOutcome,
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub size: u64,
+}
+
+/// Start-up recovery figures.
+#[derive(Debug, Default, Clone)]
+pub struct Recovery {
+    pub clean: bool,
+    pub temp_files_removed: usize,
+    pub reindexed: usize,
+    pub quarantined: usize,
+    pub missing_files: usize,
+}
+
+struct Inner {
+    data_dir: PathBuf,
+    min_free: u64,
+    index: IndexHandle,
+    /// Set while free space is below the reserve; logs only state changes.
+    low_space: AtomicBool,
+}
+
+/// Cheap to clone; shared by all associations.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+/// Owns the index thread; [`StoreRuntime::close`] waits for it once every [`Store`] is dropped.
+pub struct StoreRuntime {
+    thread: std::thread::JoinHandle<Result<Database, String>>,
+}
+
+impl StoreRuntime {
+    /// Joins the index thread and records a clean shutdown. Call after every [`Store`] clone
+    /// is dropped, or this waits forever.
+    pub fn close(self) -> Result<(), String> {
+        let db = self
+            .thread
+            .join()
+            .map_err(|_| "index thread panicked".to_owned())??;
+        index::mark_clean(&db)
+    }
+}
+
+impl Store {
+    /// Opens the data directory: layout, index, recovery. Blocking; call before serving.
+    /// `on_fatal` is cancelled if the index thread stops after a failed commit.
+    pub fn open(
+        data_dir: &Path,
+        min_free: u64,
+        on_fatal: tokio_util::sync::CancellationToken,
+    ) -> Result<(Store, StoreRuntime, Recovery), StoreError> {
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
+        };
+        spool::create_layout(data_dir).map_err(io_err(data_dir))?;
+        let mut rec = Recovery {
+            temp_files_removed: spool::clear_tmp(data_dir).map_err(io_err(data_dir))?,
+            ..Recovery::default()
+        };
+        let (db, clean) = index::open(data_dir, INDEX_CACHE_BYTES)
+            .map_err(|message| StoreError::Index { message })?;
+        rec.clean = clean;
+        if !clean {
+            reconcile(&db, data_dir, &mut rec)?;
+        }
+        let (thread, handle) = IndexThread::new(db, data_dir.to_path_buf());
+        let thread = std::thread::Builder::new()
+            .name("index".into())
+            .spawn(move || {
+                let r = thread.run();
+                if let Err(e) = &r {
+                    log::error!(error:% = e; "index failed; the gateway stops so that it can be restarted and the index repaired");
+                    on_fatal.cancel();
+                }
+                r
+            })
+            .map_err(io_err(data_dir))?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                data_dir: data_dir.to_path_buf(),
+                min_free,
+                index: handle,
+                low_space: AtomicBool::new(false),
+            }),
+        };
+        Ok((store, StoreRuntime { thread }, rec))
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.data_dir
+    }
+
+    /// Free bytes for this service on the data directory's filesystem.
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        let s = nix::sys::statvfs::statvfs(&self.inner.data_dir).map_err(io::Error::from)?;
+        Ok(s.blocks_available().saturating_mul(s.fragment_size()))
+    }
+
+    /// Starts receiving one instance: checks the disk reserve, then creates the temporary file
+    /// with its Part 10 header. Blocking (a statvfs and a file creation).
+    pub fn begin(&self, incoming: IncomingInstance) -> Result<Ingest, StoreError> {
+        let inner = &self.inner;
+        let free = self.free_bytes().map_err(|source| StoreError::Io {
+            path: inner.data_dir.clone(),
+            source,
+        })?;
+        if free < inner.min_free {
+            if !inner.low_space.swap(true, Ordering::Relaxed) {
+                log::error!(
+                    data_dir:% = inner.data_dir.display(), free_mib = free >> 20, reserve_mib = inner.min_free >> 20;
+                    "disk reserve reached: refusing new instances with A700 (Out of Resources) until space is freed"
+                );
+            }
+            return Err(StoreError::DiskReserve {
+                data_dir: inner.data_dir.clone(),
+                free,
+                reserve: inner.min_free,
+            });
+        }
+        if inner.low_space.swap(false, Ordering::Relaxed) {
+            log::warn!(free_mib = free >> 20; "disk space is above the reserve again: accepting instances");
+        }
+        let tmp = spool::temp_path(&inner.data_dir);
+        let header = spool::encode_header(&FileMeta {
+            sop_class_uid: incoming.sop_class_uid.clone(),
+            sop_instance_uid: incoming.sop_instance_uid.clone(),
+            transfer_syntax: incoming.transfer_syntax.clone(),
+            source_ae: incoming.calling_ae.clone(),
+        });
+        let mut ingest = Ingest {
+            store: self.clone(),
+            header_len: header.len() as u64,
+            incoming,
+            file: None,
+            buf: Vec::with_capacity(FLUSH_BYTES + 64 * 1024),
+            hasher: blake3::Hasher::new(),
+            size: 0,
+            tmp,
+        };
+        // Read access too: the indexed fields are parsed back from this file.
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&ingest.tmp)
+            .map_err(|source| StoreError::Io {
+                path: ingest.tmp.clone(),
+                source,
+            })?;
+        file.write_all(&header).map_err(|source| StoreError::Io {
+            path: ingest.tmp.clone(),
+            source,
+        })?;
+        ingest.file = Some(file);
+        Ok(ingest)
+    }
+}
+
+/// One instance being received. Dropping it without [`Ingest::finish`] removes the temporary
+/// file, so an aborted transfer leaves nothing behind.
+pub struct Ingest {
+    store: Store,
+    incoming: IncomingInstance,
+    tmp: PathBuf,
+    file: Option<File>,
+    header_len: u64,
+    buf: Vec<u8>,
+    hasher: blake3::Hasher,
+    size: u64,
+}
+
+impl Ingest {
+    /// Appends dataset bytes. Writes to the file once [`FLUSH_BYTES`] are buffered, on a
+    /// blocking section of the runtime.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= FLUSH_BYTES {
+            tokio::task::block_in_place(|| self.flush())?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
+        self.hasher.update(&self.buf);
+        self.size += self.buf.len() as u64;
+        let r = file.write_all(&self.buf);
+        self.buf.clear();
+        r.map_err(|source| StoreError::Io {
+            path: self.tmp.clone(),
+            source,
+        })
+    }
+
+    /// Completes the instance under the durability contract (see the module doc).
+    pub async fn finish(mut self) -> Result<Stored, StoreError> {
+        let (record, study, series) = tokio::task::block_in_place(|| self.seal())?;
+        let size = record.size;
+        let pending = Pending {
+            tmp: self.tmp.clone(),
+            record,
+        };
+        // From here the index thread owns the temporary file (it renames or removes it).
+        self.file = None;
+        self.tmp = PathBuf::new();
+        let outcome = self
+            .store
+            .inner
+            .index
+            .commit(pending)
+            .await
+            .map_err(|message| StoreError::Index { message })?;
+        Ok(Stored {
+            outcome,
+            study_instance_uid: study,
+            series_instance_uid: series,
+            size,
+        })
+    }
+
+    /// Flushes and fsyncs the file, then reads back and checks the indexed fields.
+    fn seal(&mut self) -> Result<(InstanceRecord, String, String), StoreError> {
+        self.flush()?;
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
+        };
+        let file = self.file.as_mut().ok_or_else(|| StoreError::Task {
+            message: "instance already finished".into(),
+        })?;
+        file.sync_all().map_err(io_err(&self.tmp))?;
+        file.seek(SeekFrom::Start(self.header_len))
+            .map_err(io_err(&self.tmp))?;
+        let fields = parse::read_fields(
+            BufReader::with_capacity(64 * 1024, &*file),
+            &self.incoming.transfer_syntax,
+        )
+        .map_err(|e| StoreError::CannotUnderstand { reason: e.0 })?;
+        let inc = &self.incoming;
+        if crate::uid::validate(&fields.sop_instance_uid) != Some(inc.sop_instance_uid.as_str()) {
+            return Err(StoreError::Mismatch {
+                what: "Instance UID",
+                command: inc.sop_instance_uid.clone(),
+                dataset: fields.sop_instance_uid,
+            });
+        }
+        if crate::uid::validate(&fields.sop_class_uid) != Some(inc.sop_class_uid.as_str()) {
+            return Err(StoreError::Mismatch {
+                what: "Class UID",
+                command: inc.sop_class_uid.clone(),
+                dataset: fields.sop_class_uid,
+            });
+        }
+        let record = InstanceRecord {
+            sop_instance_uid: inc.sop_instance_uid.clone(),
+            sop_class_uid: inc.sop_class_uid.clone(),
+            study_instance_uid: fields.study_instance_uid.clone(),
+            series_instance_uid: fields.series_instance_uid.clone(),
+            patient_id: fields.patient_id,
+            modality: fields.modality,
+            accession_number: fields.accession_number,
+            study_date: fields.study_date,
+            transfer_syntax: inc.transfer_syntax.clone(),
+            size: self.size,
+            checksum: *self.hasher.finalize().as_bytes(),
+            calling_ae: inc.calling_ae.clone(),
+            received_at_ms: now_ms(),
+            state: 0,
+        };
+        Ok((
+            record,
+            fields.study_instance_uid,
+            fields.series_instance_uid,
+        ))
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        if self.file.take().is_some() && !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// After an unclean shutdown: index spool files that have no row, quarantine files whose content
+/// does not match their name, and report rows whose file is gone.
+fn reconcile(db: &Database, data_dir: &Path, rec: &mut Recovery) -> Result<(), StoreError> {
+    let idx = |message: String| StoreError::Index { message };
+    let spool_dir = data_dir.join(spool::SPOOL_DIR);
+    log::warn!(data_dir:% = data_dir.display(); "previous run did not shut down cleanly: reconciling spool files with the index");
+    let mut orphans: Vec<(PathBuf, Hash)> = Vec::new();
+    let shards = std::fs::read_dir(&spool_dir).map_err(|source| StoreError::Io {
+        path: spool_dir.clone(),
+        source,
+    })?;
+    for shard in shards.flatten() {
+        let Ok(entries) = std::fs::read_dir(shard.path()) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let hash = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".dcm"))
+                .and_then(spool::parse_hex);
+            match hash {
+                Some(h) if !index::has_file(db, &h).map_err(idx)? => orphans.push((path, h)),
+                Some(_) => {}
+                None => {
+                    log::warn!(path:% = path.display(); "unexpected file in the spool; leaving it alone")
+                }
+            }
+        }
+    }
+    for (path, name_hash) in orphans {
+        match reindex_file(db, data_dir, &path, &name_hash) {
+            Ok(()) => rec.reindexed += 1,
+            Err(reason) => {
+                let dest = spool::quarantine(data_dir, &path);
+                log::error!(path:% = path.display(), reason:% = reason, quarantined:? = dest.ok(); "spool file could not be re-indexed");
+                rec.quarantined += 1;
+            }
+        }
+    }
+    for r in index::all_instances(db).map_err(idx)? {
+        if !data_dir.join(spool::relative_path(&r.checksum)).exists() {
+            rec.missing_files += 1;
+            log::error!(
+                sop_instance_uid:% = r.sop_instance_uid, study_instance_uid:% = r.study_instance_uid, calling_ae:% = r.calling_ae;
+                "INDEXED INSTANCE HAS NO SPOOL FILE: the file was deleted or lost outside the gateway; ask the modality to resend the study"
+            );
+        }
+    }
+    log::warn!(reindexed = rec.reindexed, quarantined = rec.quarantined, missing_files = rec.missing_files; "reconciliation finished");
+    Ok(())
+}
+
+fn reindex_file(
+    db: &Database,
+    data_dir: &Path,
+    path: &Path,
+    name_hash: &Hash,
+) -> Result<(), String> {
+    let (meta, offset, hash, size) = spool::hash_dataset(path).map_err(|e| e.to_string())?;
+    if &hash != name_hash {
+        return Err("content does not match its name (damaged file)".into());
+    }
+    let mut f = File::open(path).map_err(|e| e.to_string())?;
+    f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
+    let fields = parse::read_fields(BufReader::new(f), &meta.transfer_syntax).map_err(|e| e.0)?;
+    let record = InstanceRecord {
+        sop_instance_uid: meta.sop_instance_uid,
+        sop_class_uid: meta.sop_class_uid,
+        study_instance_uid: fields.study_instance_uid,
+        series_instance_uid: fields.series_instance_uid,
+        patient_id: fields.patient_id,
+        modality: fields.modality,
+        accession_number: fields.accession_number,
+        study_date: fields.study_date,
+        transfer_syntax: meta.transfer_syntax,
+        size,
+        checksum: hash,
+        calling_ae: meta.source_ae,
+        received_at_ms: now_ms(),
+        state: 0,
+    };
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    let old = index::existing(&txn, &record.sop_instance_uid)?;
+    // The file without a row is the newest version: it was renamed just before a crash.
+    index::put(&txn, &record, old.as_ref())?;
+    txn.commit().map_err(|e| e.to_string())?;
+    if let Some(old) = old.filter(|o| o.checksum != hash) {
+        let _ = std::fs::remove_file(data_dir.join(spool::relative_path(&old.checksum)));
+    }
+    log::info!(sop_instance_uid:% = record.sop_instance_uid; "re-indexed spool file found without index row");
+    Ok(())
+}
+
+/// Opens the index of a data directory for reading while no daemon runs (CLI `instances`).
+pub fn read_instances(data_dir: &Path) -> Result<Vec<InstanceRecord>, String> {
+    let path = data_dir.join(index::INDEX_FILE);
+    if !path.exists() {
+        return Err(format!("no index at {}", path.display()));
+    }
+    let db = redb::ReadOnlyDatabase::open(&path).map_err(|e| {
+        format!(
+            "cannot open {}: {e} (is the gateway running? this command needs it stopped)",
+            path.display()
+        )
+    })?;
+    index::all_instances(&db)
+}
