@@ -105,6 +105,8 @@ pub struct Config {
     pub gateway: GatewaySettings,
     pub listen: Vec<Listener>,
     pub modalities: Vec<Modality>,
+    pub destinations: Vec<Destination>,
+    pub cache: Cache,
     pub dangerous: Dangerous,
     pub log: LogSettings,
     /// The file this came from, or the embedded default's name; for messages.
@@ -136,6 +138,72 @@ pub struct Modality {
     pub description: Option<String>,
 }
 
+/// The local cache of delivered instances and when it is trimmed.
+#[derive(Clone, Debug)]
+pub struct Cache {
+    /// Eviction starts when the data filesystem is this full (percent).
+    pub high_watermark_percent: u8,
+    /// ... and deletes whole delivered studies, oldest first, down to this.
+    pub low_watermark_percent: u8,
+    /// Delivered instances older than this are evicted whatever the disk use; `None`: kept.
+    pub retention: Option<Duration>,
+}
+
+/// A PACS (or other Storage SCP) that receives everything routed to it.
+#[derive(Clone, Debug)]
+pub struct Destination {
+    /// Short unique name used in the queue, logs and CLI: letters, digits, '-', '_'.
+    pub name: String,
+    /// The PACS's AE title (the called AE of our associations).
+    pub ae_title: AeTitle,
+    /// "host:port"; the host may be a name, resolved at each connection.
+    pub address: String,
+    /// The AE title the gateway uses as calling AE toward this PACS.
+    pub calling_ae: AeTitle,
+    /// Associations used in parallel while there is work.
+    pub max_associations: u32,
+    /// First retry delay after a failure; doubles up to `retry_max`, with jitter.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// Entries pending longer than this go to the failed queue; `None`: retry forever.
+    pub give_up_after: Option<Duration>,
+    /// Time allowed for TCP connect and association negotiation.
+    pub connect_timeout: Duration,
+    /// Time allowed for each C-STORE-RSP and for each write.
+    pub dimse_timeout: Duration,
+    /// An association without work is released after this long.
+    pub idle_close: Duration,
+    pub route: Route,
+}
+
+/// Which instances go to a destination. Empty lists match everything; each non-empty list must
+/// match.
+#[derive(Clone, Debug, Default)]
+pub struct Route {
+    pub calling_ae: Vec<AeTitle>,
+    pub modality: Vec<String>,
+    pub sop_class: Vec<String>,
+}
+
+impl Route {
+    pub fn matches(&self, calling_ae: &str, modality: &str, sop_class: &str) -> bool {
+        (self.calling_ae.is_empty() || self.calling_ae.iter().any(|a| a.as_str() == calling_ae))
+            && (self.modality.is_empty() || self.modality.iter().any(|m| m == modality))
+            && (self.sop_class.is_empty() || self.sop_class.iter().any(|c| c == sop_class))
+    }
+}
+
+impl Config {
+    /// Names of the destinations an instance is routed to.
+    pub fn route(&self, calling_ae: &str, modality: &str, sop_class: &str) -> Vec<String> {
+        self.destinations
+            .iter()
+            .filter(|d| d.route.matches(calling_ae, modality, sop_class))
+            .map(|d| d.name.clone())
+            .collect()
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Dangerous {
     /// Networks from which any calling AE title is accepted, registered or not.
@@ -158,9 +226,61 @@ struct RawConfig {
     #[serde(default)]
     modality: Vec<RawModality>,
     #[serde(default)]
+    destination: Vec<RawDestination>,
+    #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
     dangerous: RawDangerous,
     #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    /// Default: 80.
+    high_watermark_percent: Option<Spanned<u8>>,
+    /// Default: 70.
+    low_watermark_percent: Option<Spanned<u8>>,
+    /// Default: 0 = keep until space is needed.
+    retention_days: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    name: Spanned<String>,
+    ae_title: Spanned<String>,
+    address: Spanned<String>,
+    /// Default: gateway.ae_title.
+    calling_ae: Option<Spanned<String>>,
+    /// Default: 2.
+    max_associations: Option<Spanned<u32>>,
+    /// Default: 5 s.
+    retry_initial_secs: Option<Spanned<u64>>,
+    /// Default: 300 s.
+    retry_max_secs: Option<Spanned<u64>>,
+    /// Default: 0 = never give up.
+    give_up_after_hours: Option<u64>,
+    /// Default: 10 s.
+    connect_timeout_secs: Option<Spanned<u64>>,
+    /// Default: 120 s.
+    dimse_timeout_secs: Option<Spanned<u64>>,
+    /// Default: 30 s.
+    idle_close_secs: Option<Spanned<u64>>,
+    #[serde(default)]
+    route: RawRoute,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    #[serde(default)]
+    calling_ae: Vec<Spanned<String>>,
+    #[serde(default)]
+    modality: Vec<String>,
+    #[serde(default)]
+    sop_class: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -223,6 +343,14 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 120;
 pub const DEFAULT_DIMSE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_WRITE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_MIN_FREE_DISK_MB: u64 = 1024;
+pub const DEFAULT_DEST_MAX_ASSOCIATIONS: u32 = 2;
+pub const DEFAULT_HIGH_WATERMARK_PERCENT: u8 = 80;
+pub const DEFAULT_LOW_WATERMARK_PERCENT: u8 = 70;
+pub const DEFAULT_RETRY_INITIAL_SECS: u64 = 5;
+pub const DEFAULT_RETRY_MAX_SECS: u64 = 300;
+pub const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
+pub const DEFAULT_UPSTREAM_DIMSE_TIMEOUT_SECS: u64 = 120;
+pub const DEFAULT_IDLE_CLOSE_SECS: u64 = 30;
 
 impl Config {
     /// Reads and validates a config file.
@@ -449,6 +577,39 @@ impl Validator<'_> {
             });
         }
 
+        let mut destinations = Vec::new();
+        let mut seen_dest = HashSet::new();
+        for (i, d) in raw.destination.iter().enumerate() {
+            destinations.push(self.destination(i, d, &gateway.ae_title, &mut seen_dest)?);
+        }
+
+        let high = raw
+            .cache
+            .high_watermark_percent
+            .as_ref()
+            .map_or(DEFAULT_HIGH_WATERMARK_PERCENT, |v| *v.get_ref());
+        let low = raw
+            .cache
+            .low_watermark_percent
+            .as_ref()
+            .map_or(DEFAULT_LOW_WATERMARK_PERCENT, |v| *v.get_ref());
+        if !(1..=99).contains(&high) || low >= high {
+            return self.err(
+                raw.cache.low_watermark_percent.as_ref().or(raw.cache.high_watermark_percent.as_ref()).map(Spanned::span),
+                "cache.high_watermark_percent",
+                format!("high {high} % and low {low} %: the high watermark must be 1 to 99 and above the low one (defaults 80 and 70)"),
+            );
+        }
+        let cache = Cache {
+            high_watermark_percent: high,
+            low_watermark_percent: low,
+            retention: raw
+                .cache
+                .retention_days
+                .filter(|d| *d > 0)
+                .map(|d| Duration::from_secs(d.saturating_mul(86_400))),
+        };
+
         let dangerous = Dangerous {
             any_calling_ae_from: raw
                 .dangerous
@@ -480,9 +641,146 @@ impl Validator<'_> {
             gateway,
             listen,
             modalities,
+            destinations,
+            cache,
             dangerous,
             log: LogSettings { level },
             source: self.file.to_owned(),
+        })
+    }
+}
+
+impl Validator<'_> {
+    fn destination(
+        &self,
+        i: usize,
+        d: &RawDestination,
+        gateway_ae: &AeTitle,
+        seen: &mut HashSet<String>,
+    ) -> Result<Destination, ConfigError> {
+        let key = format!("destination[{i}]");
+        let name = d.name.get_ref().clone();
+        if name.is_empty()
+            || name.len() > 32
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return self.err(
+                Some(d.name.span()),
+                &format!("{key}.name"),
+                format!("'{name}' is not a valid name; use 1 to 32 letters, digits, '-' or '_'"),
+            );
+        }
+        if !seen.insert(name.clone()) {
+            return self.err(
+                Some(d.name.span()),
+                &format!("{key}.name"),
+                format!("'{name}' is used twice"),
+            );
+        }
+        let address = d.address.get_ref().clone();
+        let port_ok = address
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !port_ok {
+            return self.err(
+                Some(d.address.span()),
+                &format!("{key}.address"),
+                format!("'{address}' is not host:port; write e.g. \"pacs.example.org:104\" or \"10.0.0.5:11112\""),
+            );
+        }
+        let max_associations = match &d.max_associations {
+            None => DEFAULT_DEST_MAX_ASSOCIATIONS,
+            Some(v) if (1..=16).contains(v.get_ref()) => *v.get_ref(),
+            Some(v) => {
+                return self.err(
+                    Some(v.span()),
+                    &format!("{key}.max_associations"),
+                    format!(
+                    "{} is out of range; allowed 1 to 16 (default {DEFAULT_DEST_MAX_ASSOCIATIONS})",
+                    v.get_ref()
+                ),
+                )
+            }
+        };
+        let retry_initial = self.secs(
+            d.retry_initial_secs.as_ref(),
+            DEFAULT_RETRY_INITIAL_SECS,
+            &format!("{key}.retry_initial_secs"),
+        )?;
+        let retry_max = self.secs(
+            d.retry_max_secs.as_ref(),
+            DEFAULT_RETRY_MAX_SECS,
+            &format!("{key}.retry_max_secs"),
+        )?;
+        if retry_max < retry_initial {
+            return self.err(
+                d.retry_max_secs.as_ref().map(Spanned::span),
+                &format!("{key}.retry_max_secs"),
+                "is smaller than retry_initial_secs".into(),
+            );
+        }
+        let route = Route {
+            calling_ae: d
+                .route
+                .calling_ae
+                .iter()
+                .enumerate()
+                .map(|(j, a)| self.ae(a, &format!("{key}.route.calling_ae[{j}]")))
+                .collect::<Result<_, _>>()?,
+            modality: d
+                .route
+                .modality
+                .iter()
+                .map(|m| m.trim().to_owned())
+                .collect(),
+            sop_class: d
+                .route
+                .sop_class
+                .iter()
+                .enumerate()
+                .map(|(j, c)| match crate::uid::validate(c.get_ref()) {
+                    Some(u) => Ok(u.to_owned()),
+                    None => self.err(
+                        Some(c.span()),
+                        &format!("{key}.route.sop_class[{j}]"),
+                        format!("'{}' is not a UID", c.get_ref()),
+                    ),
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(Destination {
+            name,
+            ae_title: self.ae(&d.ae_title, &format!("{key}.ae_title"))?,
+            address,
+            calling_ae: match &d.calling_ae {
+                Some(a) => self.ae(a, &format!("{key}.calling_ae"))?,
+                None => gateway_ae.clone(),
+            },
+            max_associations,
+            retry_initial,
+            retry_max,
+            give_up_after: d
+                .give_up_after_hours
+                .filter(|h| *h > 0)
+                .map(|h| Duration::from_secs(h.saturating_mul(3600))),
+            connect_timeout: self.secs(
+                d.connect_timeout_secs.as_ref(),
+                DEFAULT_CONNECT_TIMEOUT_SECS,
+                &format!("{key}.connect_timeout_secs"),
+            )?,
+            dimse_timeout: self.secs(
+                d.dimse_timeout_secs.as_ref(),
+                DEFAULT_UPSTREAM_DIMSE_TIMEOUT_SECS,
+                &format!("{key}.dimse_timeout_secs"),
+            )?,
+            idle_close: self.secs(
+                d.idle_close_secs.as_ref(),
+                DEFAULT_IDLE_CLOSE_SECS,
+                &format!("{key}.idle_close_secs"),
+            )?,
+            route,
         })
     }
 }

@@ -7,9 +7,13 @@
 //!   presentation contexts), applies timeouts to every read and write, and streams each C-STORE
 //!   dataset PDU by PDU into [`store`].
 //! - [`store`] makes the instance durable: the spool file is fsynced and renamed, its directory
-//!   fsynced, and the redb row committed. Only then does the association answer Success.
+//!   fsynced, and the redb row committed together with one queue entry per routed destination.
+//!   Only then does the association answer Success.
+//! - [`forward`] leases due queue entries per destination, sends them through
+//!   [`forward::upstream`], and records delivered, retry (with backoff) or failed.
 //!
-//! Only the index records what the gateway holds. Supporting modules: [`config`] (validated
+//! Only the index records what the gateway holds and what is still pending. [`control`] answers
+//! the CLI's status and queue commands over a Unix socket. Supporting modules: [`config`] (validated
 //! once), [`sop`] (accepted SOP classes and transfer syntaxes), [`uid`], [`logging`],
 //! [`systemd`], [`conformance`].
 //!
@@ -19,6 +23,8 @@
 pub mod association;
 pub mod config;
 pub mod conformance;
+pub mod control;
+pub mod forward;
 pub mod listener;
 pub mod logging;
 pub mod sop;
@@ -94,19 +100,45 @@ pub async fn run(
     let min_free = config.gateway.min_free_disk_bytes;
     let fatal = CancellationToken::new();
     let on_fatal = fatal.clone();
-    let (store, runtime, recovery) =
-        tokio::task::spawn_blocking(move || Store::open(&data_dir, min_free, on_fatal))
-            .await
-            .map_err(|e| RunError::Join {
-                message: e.to_string(),
-            })?
-            .context(OpenStoreSnafu)?;
+    let dests = forward::Destinations::new(&config.destinations);
+    let router_cfg = config.clone();
+    let router: store::Router = Arc::new(move |ae: &str, modality: &str, class: &str| {
+        router_cfg.route(ae, modality, class)
+    });
+    let wake_dests = dests.clone();
+    let wake: store::Wake = Arc::new(move |d: &str| wake_dests.wake(d));
+    let (store, runtime, recovery) = tokio::task::spawn_blocking(move || {
+        Store::open(&data_dir, min_free, on_fatal, router, wake)
+    })
+    .await
+    .map_err(|e| RunError::Join {
+        message: e.to_string(),
+    })?
+    .context(OpenStoreSnafu)?;
     log::info!(
         data_dir:% = config.gateway.data_dir.display(), clean = recovery.clean,
         temp_files_removed = recovery.temp_files_removed, reindexed = recovery.reindexed,
-        quarantined = recovery.quarantined, missing_files = recovery.missing_files;
+        quarantined = recovery.quarantined, missing_files = recovery.missing_files,
+        in_flight_returned = recovery.in_flight_returned;
         "store open"
     );
+    let forward_stop = CancellationToken::new();
+    let forwarders = TaskTracker::new();
+    forward::start(
+        &dests,
+        store.db().clone(),
+        config.gateway.data_dir.clone(),
+        forward_stop.clone(),
+        &forwarders,
+    );
+    let evictor = tokio::spawn(evict_loop(
+        store.db().clone(),
+        config.clone(),
+        forward_stop.clone(),
+    ));
+    if config.destinations.is_empty() {
+        log::warn!("no [[destination]] configured: cache-only gateway, nothing is forwarded");
+    }
 
     let shared = Shared {
         config: config.clone(),
@@ -115,6 +147,20 @@ pub async fn run(
     };
     let permits = Permits::new(config.gateway.max_associations.get());
     let tracker = TaskTracker::new();
+    let control = control::Control {
+        config: config.clone(),
+        store: shared.store.clone(),
+        dests: dests.clone(),
+        permits: permits.clone(),
+        started_ms: store::now_ms(),
+    };
+    let control_task = match control::listen(&config.gateway.data_dir) {
+        Ok(l) => Some(tokio::spawn(control::serve(l, control, shutdown.clone()))),
+        Err(e) => {
+            log::error!(error:% = e; "control socket unavailable: status and queue commands will not work");
+            None
+        }
+    };
     let mut accept_tasks = Vec::new();
     for l in listeners {
         let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -157,6 +203,14 @@ pub async fn run(
         return Ok(());
     }
     drop(shared);
+    // Forwarding stops at a safe point: between instances; leased entries return to pending.
+    forward_stop.cancel();
+    forwarders.close();
+    forwarders.wait().await;
+    let _ = evictor.await;
+    if let Some(t) = control_task {
+        let _ = t.await;
+    }
     if failed {
         return Err(RunError::IndexClose {
             message: "an index commit failed (see the error above)".into(),
@@ -170,4 +224,35 @@ pub async fn run(
         .map_err(|message| RunError::IndexClose { message })?;
     log::info!("stopped cleanly");
     Ok(())
+}
+
+/// How often the cache is checked for eviction.
+const EVICT_EVERY: Duration = Duration::from_secs(10);
+
+async fn evict_loop(db: Arc<redb::Database>, config: Arc<Config>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(EVICT_EVERY) => {}
+        }
+        let (db, cfg) = (db.clone(), config.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            store::evict::run_once(
+                &db,
+                &cfg.gateway.data_dir,
+                &cfg.cache,
+                cfg.gateway.min_free_disk_bytes,
+            )
+        })
+        .await;
+        match r {
+            Ok(Ok(e)) if e.studies > 0 || e.held > 0 => log::info!(
+                studies = e.studies, instances = e.instances, bytes = e.bytes, held_studies = e.held;
+                "cache eviction pass"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => log::error!(error:% = e; "cache eviction failed"),
+            Err(e) => log::error!(error:% = e; "cache eviction task failed"),
+        }
+    }
 }

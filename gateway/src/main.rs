@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use dicom_gateway::config::Config;
+use dicom_gateway::control::{self, Request};
 use dicom_gateway::store::spool;
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +49,67 @@ enum Command {
     },
     /// Print the DICOM Conformance Statement of this version (Markdown).
     Conformance,
+    /// Show the running gateway: associations, destinations, queue depth, disk.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and steer the forwarding queue of the running gateway.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+}
+
+/// Which gateway a client command talks to.
+#[derive(clap::Args, Clone)]
+struct Target {
+    /// Config file naming the data directory (default: the embedded default's).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Data directory, instead of --config.
+    #[arg(long, conflicts_with = "config")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// List queue entries (all states, or only failed ones with their reason).
+    List {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        failed: bool,
+        #[arg(long)]
+        destination: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put failed entries back to pending (all, or of one destination / instance).
+    Retry {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        destination: Option<String>,
+        #[arg(long)]
+        sop_instance_uid: Option<String>,
+    },
+    /// Drop failed entries for good (the instances stay in the local cache). Needs --yes.
+    Purge {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        destination: Option<String>,
+        #[arg(long)]
+        sop_instance_uid: Option<String>,
+        /// Confirm: purged entries are never forwarded.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -79,6 +141,189 @@ fn main() -> ExitCode {
             print!("{}", dicom_gateway::conformance::statement());
             ExitCode::SUCCESS
         }
+        Command::Status { target, json } => client(&target, &Request::Status, |v| {
+            if json {
+                println!("{v:#}");
+            } else {
+                print_status(v);
+            }
+        }),
+        Command::Queue { action } => queue(action),
+    }
+}
+
+fn data_dir_of(target: &Target) -> Result<PathBuf, String> {
+    match (&target.config, &target.data_dir) {
+        (_, Some(d)) => Ok(d.clone()),
+        (Some(c), None) => Config::load(c)
+            .map(|c| c.gateway.data_dir)
+            .map_err(|e| e.to_string()),
+        (None, None) => Ok(Config::embedded_default().gateway.data_dir),
+    }
+}
+
+/// Runs one control request and prints the answer with `show`.
+fn client(target: &Target, req: &Request, show: impl FnOnce(&serde_json::Value)) -> ExitCode {
+    let result = data_dir_of(target).and_then(|d| control::request(&d, req));
+    match result {
+        Ok(v) => {
+            show(&v);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn queue(action: QueueAction) -> ExitCode {
+    match action {
+        QueueAction::List {
+            target,
+            failed,
+            destination,
+            limit,
+            json,
+        } => client(
+            &target,
+            &Request::QueueList {
+                failed,
+                destination,
+                limit,
+            },
+            |v| {
+                if json {
+                    println!("{v:#}");
+                    return;
+                }
+                let rows = v.as_array().cloned().unwrap_or_default();
+                println!(
+                    "{:<16} {:<64} {:<10} {:>8} {:>6}  LAST ERROR",
+                    "DESTINATION", "SOP INSTANCE UID", "STATE", "ATTEMPTS", "STATUS"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<16} {:<64} {:<10} {:>8} {:>6}  {}",
+                        r["destination"].as_str().unwrap_or(""),
+                        r["sop_instance_uid"].as_str().unwrap_or(""),
+                        r["state"].as_str().unwrap_or(""),
+                        r["attempts"].to_string(),
+                        r["last_status"].as_str().unwrap_or("-"),
+                        r["last_error"].as_str().unwrap_or("")
+                    );
+                }
+                println!(
+                    "{} entr{}",
+                    rows.len(),
+                    if rows.len() == 1 { "y" } else { "ies" }
+                );
+            },
+        ),
+        QueueAction::Retry {
+            target,
+            destination,
+            sop_instance_uid,
+        } => client(
+            &target,
+            &Request::QueueRetry {
+                destination,
+                sop_instance_uid,
+            },
+            |v| {
+                println!("{} failed entr(ies) put back to pending", v["retried"]);
+            },
+        ),
+        QueueAction::Purge {
+            target,
+            destination,
+            sop_instance_uid,
+            yes,
+        } => {
+            if !yes {
+                eprintln!("error: purging drops failed entries for good (they are never forwarded); add --yes to confirm");
+                return ExitCode::FAILURE;
+            }
+            client(
+                &target,
+                &Request::QueuePurge {
+                    destination,
+                    sop_instance_uid,
+                },
+                |v| {
+                    println!("{} failed entr(ies) purged", v["purged"]);
+                },
+            )
+        }
+    }
+}
+
+fn print_status(v: &serde_json::Value) {
+    let gib = |b: &serde_json::Value| {
+        b.as_u64().map_or("?".into(), |b| {
+            format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30))
+        })
+    };
+    println!(
+        "dicom-gateway {}  up {} s  AE {}",
+        v["version"].as_str().unwrap_or("?"),
+        v["uptime_s"],
+        v["ae_title"].as_str().unwrap_or("?")
+    );
+    println!(
+        "listening: {}",
+        v["listeners"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(", "))
+            .unwrap_or_default()
+    );
+    println!(
+        "associations: {} of {}",
+        v["active_associations"], v["max_associations"]
+    );
+    println!(
+        "disk: {} free, reserve {} ({})",
+        gib(&v["disk_free_bytes"]),
+        gib(&v["disk_reserve_bytes"]),
+        v["data_dir"].as_str().unwrap_or("")
+    );
+    let dests = v["destinations"].as_array().cloned().unwrap_or_default();
+    if dests.is_empty() {
+        println!("destinations: none (cache-only)");
+        return;
+    }
+    println!();
+    println!(
+        "{:<16} {:<28} {:<6} {:>9} {:>7} {:>10} {:>11}  LAST ERROR",
+        "DESTINATION", "ADDRESS", "LINK", "PENDING", "FAILED", "DELIVERED", "OLDEST (s)"
+    );
+    for d in &dests {
+        let link = match d["link"]["up"].as_bool() {
+            Some(true) => "up",
+            Some(false) => "DOWN",
+            None => "-",
+        };
+        println!(
+            "{:<16} {:<28} {:<6} {:>9} {:>7} {:>10} {:>11}  {}",
+            d["name"].as_str().unwrap_or(""),
+            format!(
+                "{}@{}",
+                d["ae_title"].as_str().unwrap_or(""),
+                d["address"].as_str().unwrap_or("")
+            ),
+            link,
+            d["pending"].to_string(),
+            d["failed"].to_string(),
+            d["delivered"].to_string(),
+            d["oldest_pending_age_s"]
+                .as_u64()
+                .map_or("-".into(), |s| s.to_string()),
+            d["link"]["last_error"].as_str().unwrap_or("")
+        );
     }
 }
 

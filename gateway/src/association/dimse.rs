@@ -1,4 +1,5 @@
-//! DIMSE command sets (PS3.7 section 9.3 and Annex E): decode requests, encode responses.
+//! DIMSE command sets (PS3.7 section 9.3 and Annex E): decode requests and responses, encode
+//! responses (acceptor side) and requests (requestor side, used by `forward::upstream`).
 //!
 //! A command set is always implicit VR little endian (PS3.7 section 6.3.1) and small, so it is
 //! parsed directly: every element length is checked against the bytes left.
@@ -7,6 +8,8 @@ use crate::uid;
 
 pub const C_STORE_RQ: u16 = 0x0001;
 pub const C_ECHO_RQ: u16 = 0x0030;
+/// Bit 15 of Command Field marks a response (PS3.7 section E.1: C-STORE-RSP is 0x8001).
+pub const RESPONSE_BIT: u16 = 0x8000;
 /// Command Data Set Type (0000,0800) value meaning "no data set" (PS3.7 section E.1).
 pub const NO_DATASET: u16 = 0x0101;
 
@@ -19,7 +22,7 @@ pub mod status {
     pub const CANNOT_UNDERSTAND: u16 = 0xC000;
 }
 
-/// The fields of a request command set the gateway uses.
+/// The fields of a command set the gateway uses.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Command {
     pub command_field: u16,
@@ -28,6 +31,12 @@ pub struct Command {
     pub affected_sop_instance_uid: String,
     pub priority: u16,
     pub has_dataset: bool,
+    /// Responses only: Message ID Being Responded To (0000,0120).
+    pub message_id_being_responded_to: u16,
+    /// Responses only: Status (0000,0900); `None` when absent or not 2 bytes.
+    pub status: Option<u16>,
+    /// Responses only: Error Comment (0000,0902), trailing padding removed.
+    pub error_comment: Option<String>,
 }
 
 /// Parses a command set; the error says what is wrong with it.
@@ -65,12 +74,16 @@ pub fn decode(bytes: &[u8]) -> Result<Command, String> {
                 saw_field = true;
             }
             0x0110 => cmd.message_id = us().ok_or("Message ID (0000,0110) is not 2 bytes")?,
+            // Lenient like Priority: requests never carry these; a requestor checks them.
+            0x0120 => cmd.message_id_being_responded_to = us().unwrap_or(0),
             0x0700 => cmd.priority = us().unwrap_or(0),
             0x0800 => {
                 cmd.has_dataset =
                     us().ok_or("Command Data Set Type (0000,0800) is not 2 bytes")? != NO_DATASET;
                 saw_dataset_type = true;
             }
+            0x0900 => cmd.status = us(),
+            0x0902 => cmd.error_comment = Some(ui().trim_end_matches(['\0', ' ']).to_owned()),
             0x1000 => cmd.affected_sop_instance_uid = ui(),
             _ => {}
         }
@@ -128,6 +141,31 @@ pub fn response(request: &Command, status: u16, error_comment: Option<&str>) -> 
     out
 }
 
+/// Encodes a request command set: C-ECHO-RQ or C-STORE-RQ (PS3.7 sections 9.3.1.1, 9.3.5.1).
+/// Priority is sent for C-STORE-RQ only; Command Data Set Type is 0000 ("present") or 0101.
+pub fn request(cmd: &Command) -> Vec<u8> {
+    let mut body = Vec::with_capacity(200);
+    put(&mut body, 0x0002, &pad_uid(&cmd.affected_sop_class_uid));
+    put(&mut body, 0x0100, &cmd.command_field.to_le_bytes());
+    put(&mut body, 0x0110, &cmd.message_id.to_le_bytes());
+    if cmd.command_field == C_STORE_RQ {
+        put(&mut body, 0x0700, &cmd.priority.to_le_bytes());
+    }
+    let dataset_type = if cmd.has_dataset { 0 } else { NO_DATASET };
+    put(&mut body, 0x0800, &dataset_type.to_le_bytes());
+    if !cmd.affected_sop_instance_uid.is_empty() {
+        put(&mut body, 0x1000, &pad_uid(&cmd.affected_sop_instance_uid));
+    }
+    let mut out = Vec::with_capacity(body.len() + 12);
+    put(
+        &mut out,
+        0x0000,
+        &u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes(),
+    );
+    out.extend_from_slice(&body);
+    out
+}
+
 fn pad_uid(s: &str) -> Vec<u8> {
     let s = uid::validate(s).unwrap_or(s);
     let mut v = s.as_bytes().to_vec();
@@ -144,15 +182,43 @@ fn put(out: &mut Vec<u8>, element: u16, value: &[u8]) {
     out.extend_from_slice(value);
 }
 
-/// The standard's name of a status, for logs.
+/// The standard's name of a status, for logs: C-STORE meanings first (PS3.4 Table B.2-1), then
+/// the general codes of PS3.7 Annex C; any other code is named by its class (PS3.7 C.1).
 pub fn status_name(s: u16) -> &'static str {
     match s {
         0x0000 => "Success",
-        0x0211 => "Unrecognized Operation",
+        0xB000 => "Warning: Coercion of Data Elements",
+        0xB006 => "Warning: Elements Discarded",
+        0xB007 => "Warning: Data Set Does Not Match SOP Class",
         0xA700..=0xA7FF => "Refused: Out of Resources",
         0xA900..=0xA9FF => "Error: Data Set Does Not Match SOP Class",
         0xC000..=0xCFFF => "Error: Cannot Understand",
-        0xB000 | 0xB006 | 0xB007 => "Warning",
+        0x0001 => "Warning: Requested Optional Attributes Are Not Supported",
+        0x0107 => "Warning: Attribute List Error",
+        0x0116 => "Warning: Attribute Value Out of Range",
+        0x0105 => "Failure: No Such Attribute",
+        0x0106 => "Failure: Invalid Attribute Value",
+        0x0110 => "Failure: Processing Failure",
+        0x0111 => "Failure: Duplicate SOP Instance",
+        0x0112 => "Failure: No Such SOP Instance",
+        0x0113 => "Failure: No Such Event Type",
+        0x0114 => "Failure: No Such Argument",
+        0x0115 => "Failure: Invalid Argument Value",
+        0x0117 => "Failure: Invalid Object Instance",
+        0x0118 => "Failure: No Such SOP Class",
+        0x0119 => "Failure: Class-Instance Conflict",
+        0x0120 => "Failure: Missing Attribute",
+        0x0121 => "Failure: Missing Attribute Value",
+        0x0122 => "Refused: SOP Class Not Supported",
+        0x0123 => "Failure: No Such Action",
+        0x0124 => "Refused: Not Authorized",
+        0x0210 => "Failure: Duplicate Invocation",
+        0x0211 => "Unrecognized Operation",
+        0x0212 => "Failure: Mistyped Argument",
+        0x0213 => "Failure: Resource Limitation",
+        0xFE00 => "Cancel",
+        0xFF00 | 0xFF01 => "Pending",
+        0xB001..=0xBFFF => "Warning",
         _ => "Failure",
     }
 }
@@ -169,6 +235,7 @@ mod tests {
             affected_sop_instance_uid: "1.2.3.4.5".into(),
             priority: 0,
             has_dataset: true,
+            ..Command::default()
         }
     }
 

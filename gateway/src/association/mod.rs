@@ -386,6 +386,8 @@ impl Conn<'_> {
             sop_instance_uid: sop_instance.to_owned(),
             transfer_syntax: context.transfer_syntax.clone(),
             calling_ae: self.calling_ae.clone(),
+            // PS3.7 section 9.1.1.1: Priority 0x0001 is HIGH.
+            high_priority: cmd.priority == 0x0001,
         };
         tokio::task::block_in_place(|| self.shared.store.begin(incoming))
             .map(Box::new)

@@ -138,3 +138,53 @@ fn example_file_is_valid() {
         DEFAULT_MIN_FREE_DISK_MB << 20
     );
 }
+
+#[test]
+fn destinations_with_defaults_and_routes() {
+    let c = Config::parse(
+        &format!(
+            "{MINIMAL}\n[[destination]]\nname = \"pacs\"\nae_title = \"PACS\"\naddress = \"pacs.local:104\"\n[[destination]]\nname = \"lab\"\nae_title = \"LAB\"\naddress = \"10.0.0.9:11112\"\ncalling_ae = \"GW2\"\n[destination.route]\nmodality = [\"CT\"]\n"
+        ),
+        "t",
+    )
+    .unwrap();
+    let d = &c.destinations[0];
+    assert_eq!(d.calling_ae.as_str(), "GW");
+    assert_eq!(d.max_associations, DEFAULT_DEST_MAX_ASSOCIATIONS);
+    assert_eq!(
+        d.retry_initial,
+        Duration::from_secs(DEFAULT_RETRY_INITIAL_SECS)
+    );
+    assert_eq!(d.give_up_after, None);
+    assert_eq!(c.destinations[1].calling_ae.as_str(), "GW2");
+    assert_eq!(c.route("CT01", "CT", "1.2"), vec!["pacs", "lab"]);
+    assert_eq!(c.route("MR01", "MR", "1.2"), vec!["pacs"]);
+}
+
+#[test]
+fn bad_destinations_are_explained() {
+    let dest = |body: &str| format!("{MINIMAL}\n[[destination]]\n{body}\n");
+    let e = invalid(&dest(
+        "name = \"a b\"\nae_title = \"P\"\naddress = \"h:104\"",
+    ));
+    assert!(e.contains("destination[0].name"), "{e}");
+    let e = invalid(&dest("name = \"p\"\nae_title = \"P\"\naddress = \"h\""));
+    assert!(
+        e.contains("destination[0].address") && e.contains("host:port"),
+        "{e}"
+    );
+    let e = invalid(&dest(
+        "name = \"p\"\nae_title = \"P\"\naddress = \"h:1\"\nmax_associations = 0",
+    ));
+    assert!(e.contains("destination[0].max_associations"), "{e}");
+    let e = invalid(&dest("name = \"p\"\nae_title = \"P\"\naddress = \"h:1\"\nretry_initial_secs = 60\nretry_max_secs = 10"));
+    assert!(e.contains("retry_max_secs"), "{e}");
+    let e = invalid(&dest("name = \"p\"\nae_title = \"P\"\naddress = \"h:1\"\n[destination.route]\nsop_class = [\"CT\"]"));
+    assert!(e.contains("destination[0].route.sop_class[0]"), "{e}");
+    let e = invalid(&format!(
+        "{}{}",
+        dest("name = \"p\"\nae_title = \"P\"\naddress = \"h:1\""),
+        "[[destination]]\nname = \"p\"\nae_title = \"Q\"\naddress = \"h:2\"\n"
+    ));
+    assert!(e.contains("used twice"), "{e}");
+}

@@ -10,10 +10,11 @@
 //! - `instances`: SOP Instance UID → [`InstanceRecord`] (postcard)
 //! - `study_instances`, `series_instances`: (Study or Series UID, SOP Instance UID) → ()
 //! - `files`: dataset BLAKE3 hash → SOP Instance UID
+//! - `instances_by_time`: (receive time ms, SOP Instance UID) → (): oldest first, for eviction
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,7 @@ const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances"
 const STUDIES: TableDefinition<(&str, &str), ()> = TableDefinition::new("study_instances");
 const SERIES: TableDefinition<(&str, &str), ()> = TableDefinition::new("series_instances");
 const FILES: TableDefinition<&[u8], &str> = TableDefinition::new("files");
+const BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("instances_by_time");
 
 /// Largest batch one group commit takes; bounds the latency of the last one in it.
 const MAX_BATCH: usize = 256;
@@ -72,7 +74,14 @@ pub type IndexResult<T> = Result<T, String>;
 pub struct Pending {
     pub tmp: PathBuf,
     pub record: InstanceRecord,
+    /// Destinations the instance is routed to; their queue entries join the same commit.
+    pub destinations: Vec<String>,
+    /// C-STORE priority HIGH (PS3.7 section 9.1.1.1): jumps ahead in the queue.
+    pub high_priority: bool,
 }
+
+/// Called after a commit with each destination that got new work.
+pub type Wake = Arc<dyn Fn(&str) + Send + Sync>;
 
 type Reply = tokio::sync::oneshot::Sender<IndexResult<CommitOutcome>>;
 
@@ -125,6 +134,8 @@ pub fn open(data_dir: &Path, cache_bytes: usize) -> IndexResult<(Database, bool)
         txn.open_table(STUDIES).map_err(|e| e.to_string())?;
         txn.open_table(SERIES).map_err(|e| e.to_string())?;
         txn.open_table(FILES).map_err(|e| e.to_string())?;
+        txn.open_table(BY_TIME).map_err(|e| e.to_string())?;
+        super::queue::create_tables(&txn)?;
         clean
     };
     txn.commit().map_err(|e| e.to_string())?;
@@ -156,6 +167,22 @@ pub fn existing(
     }
 }
 
+/// The record of an instance, read outside the index thread.
+pub fn get(
+    db: &impl ReadableDatabase,
+    sop_instance_uid: &str,
+) -> IndexResult<Option<InstanceRecord>> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let instances = txn.open_table(INSTANCES).map_err(|e| e.to_string())?;
+    let row = instances.get(sop_instance_uid).map_err(|e| e.to_string())?;
+    match row {
+        None => Ok(None),
+        Some(v) => postcard::from_bytes(v.value())
+            .map(Some)
+            .map_err(|e| format!("corrupt index row for {sop_instance_uid}: {e}")),
+    }
+}
+
 /// Inserts `rec`, replacing `old` (the current record of the same SOP Instance UID) if given.
 pub fn put(
     txn: &WriteTransaction,
@@ -171,7 +198,11 @@ pub fn put(
     let mut studies = txn.open_table(STUDIES).map_err(|x| e(x.into()))?;
     let mut series = txn.open_table(SERIES).map_err(|x| e(x.into()))?;
     let mut files = txn.open_table(FILES).map_err(|x| e(x.into()))?;
+    let mut by_time = txn.open_table(BY_TIME).map_err(|x| e(x.into()))?;
     if let Some(old) = old {
+        by_time
+            .remove((old.received_at_ms, old.sop_instance_uid.as_str()))
+            .map_err(|x| e(x.into()))?;
         studies
             .remove((
                 old.study_instance_uid.as_str(),
@@ -188,6 +219,9 @@ pub fn put(
             .remove(old.checksum.as_slice())
             .map_err(|x| e(x.into()))?;
     }
+    by_time
+        .insert((rec.received_at_ms, rec.sop_instance_uid.as_str()), ())
+        .map_err(|x| e(x.into()))?;
     studies
         .insert(
             (
@@ -210,6 +244,62 @@ pub fn put(
         .insert(rec.checksum.as_slice(), rec.sop_instance_uid.as_str())
         .map_err(|x| e(x.into()))?;
     Ok(())
+}
+
+/// Removes every row of an instance (eviction). The caller deletes the file after the commit.
+pub fn remove(txn: &WriteTransaction, rec: &InstanceRecord) -> IndexResult<()> {
+    let e = |e: redb::Error| e.to_string();
+    let sop = rec.sop_instance_uid.as_str();
+    txn.open_table(INSTANCES)
+        .map_err(|x| e(x.into()))?
+        .remove(sop)
+        .map_err(|x| e(x.into()))?;
+    txn.open_table(STUDIES)
+        .map_err(|x| e(x.into()))?
+        .remove((rec.study_instance_uid.as_str(), sop))
+        .map_err(|x| e(x.into()))?;
+    txn.open_table(SERIES)
+        .map_err(|x| e(x.into()))?
+        .remove((rec.series_instance_uid.as_str(), sop))
+        .map_err(|x| e(x.into()))?;
+    txn.open_table(FILES)
+        .map_err(|x| e(x.into()))?
+        .remove(rec.checksum.as_slice())
+        .map_err(|x| e(x.into()))?;
+    txn.open_table(BY_TIME)
+        .map_err(|x| e(x.into()))?
+        .remove((rec.received_at_ms, sop))
+        .map_err(|x| e(x.into()))?;
+    Ok(())
+}
+
+/// Up to `n` instances, oldest received first, starting after `after` (exclusive).
+pub fn oldest(
+    db: &impl ReadableDatabase,
+    after: Option<(u64, String)>,
+    n: usize,
+) -> IndexResult<Vec<(u64, String)>> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let t = txn.open_table(BY_TIME).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let iter = match &after {
+        Some((ms, sop)) => t.range((*ms, sop.as_str())..).map_err(|e| e.to_string())?,
+        None => t.iter().map_err(|e| e.to_string())?,
+    };
+    for row in iter {
+        let (k, ()) = row
+            .map_err(|e| e.to_string())
+            .map(|(k, v)| (k, v.value()))?;
+        let (ms, sop) = k.value();
+        if after.as_ref().is_some_and(|(a, s)| *a == ms && s == sop) {
+            continue;
+        }
+        out.push((ms, sop.to_owned()));
+        if out.len() >= n {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// Whether some row refers to the file with this hash.
@@ -280,21 +370,30 @@ impl IndexHandle {
 
 /// The write side of the index; runs on its own thread.
 pub struct IndexThread {
-    db: Database,
+    db: Arc<Database>,
     data_dir: PathBuf,
     rx: mpsc::Receiver<Request>,
+    wake: Wake,
 }
 
 impl IndexThread {
-    pub fn new(db: Database, data_dir: PathBuf) -> (IndexThread, IndexHandle) {
+    pub fn new(db: Arc<Database>, data_dir: PathBuf, wake: Wake) -> (IndexThread, IndexHandle) {
         let (tx, rx) = mpsc::sync_channel(MAX_BATCH);
-        (IndexThread { db, data_dir, rx }, IndexHandle { tx })
+        (
+            IndexThread {
+                db,
+                data_dir,
+                rx,
+                wake,
+            },
+            IndexHandle { tx },
+        )
     }
 
     /// Serves commits until every [`IndexHandle`] is dropped, then returns the database.
     /// Returns `Err` after a failed commit: redb then refuses writes until reopened, so the
     /// caller must stop the gateway (systemd restarts it and redb repairs on open).
-    pub fn run(self) -> Result<Database, String> {
+    pub fn run(self) -> Result<Arc<Database>, String> {
         while let Ok(first) = self.rx.recv() {
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
@@ -332,12 +431,16 @@ impl IndexThread {
         let mut results = Vec::with_capacity(batch.len());
         let mut dirs = BTreeSet::new();
         let mut orphans = Vec::new();
+        let mut woken = BTreeSet::new();
         let mut fatal = None;
         for Request::Commit(p, reply) in batch {
             let r = match &fatal {
                 Some(msg) => Err(Placement::Fatal(String::clone(msg))),
                 None => self.place(&txn, &p, &mut dirs, &mut orphans),
             };
+            if matches!(r, Ok(CommitOutcome::Stored | CommitOutcome::Replaced)) {
+                woken.extend(p.destinations.iter().cloned());
+            }
             if let Err(Placement::Fatal(msg)) = &r {
                 fatal.get_or_insert_with(|| msg.clone());
             }
@@ -370,6 +473,9 @@ impl IndexThread {
                 }
                 for (reply, r) in results {
                     let _ = reply.send(r.map_err(|(Placement::Failed(m) | Placement::Fatal(m))| m));
+                }
+                for d in &woken {
+                    (self.wake)(d);
                 }
                 Ok(())
             }
@@ -412,6 +518,13 @@ impl IndexThread {
             dirs.insert(parent.to_path_buf());
         }
         put(txn, &p.record, old.as_ref()).map_err(Placement::Fatal)?;
+        super::queue::enqueue(
+            txn,
+            &p.record.sop_instance_uid,
+            &p.destinations,
+            p.high_priority,
+        )
+        .map_err(Placement::Fatal)?;
         Ok(match old {
             Some(o) => {
                 orphans.push(o.checksum);

@@ -20,8 +20,10 @@
 //! An instance is never held whole: [`Ingest::write`] buffers at most [`FLUSH_BYTES`] before
 //! writing to the file, and the index fields are parsed back from the file.
 
+pub mod evict;
 pub mod index;
 pub mod parse;
+pub mod queue;
 pub mod spool;
 
 use std::fs::File;
@@ -34,6 +36,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use redb::Database;
 use snafu::Snafu;
 
+pub use index::Wake;
 pub use index::{CommitOutcome, InstanceRecord};
 use index::{IndexHandle, IndexThread, Pending};
 use spool::{FileMeta, Hash};
@@ -80,6 +83,8 @@ pub struct IncomingInstance {
     pub sop_instance_uid: String,
     pub transfer_syntax: String,
     pub calling_ae: String,
+    /// C-STORE Priority (0000,0700) was HIGH.
+    pub high_priority: bool,
 }
 
 /// A stored instance as the association reports it.
@@ -99,15 +104,22 @@ pub struct Recovery {
     pub reindexed: usize,
     pub quarantined: usize,
     pub missing_files: usize,
+    pub in_flight_returned: usize,
 }
 
 struct Inner {
     data_dir: PathBuf,
+    db: Arc<Database>,
+    /// Routes an instance (calling AE, modality, SOP class) to destination names.
+    router: Router,
     min_free: u64,
     index: IndexHandle,
     /// Set while free space is below the reserve; logs only state changes.
     low_space: AtomicBool,
 }
+
+/// Chooses the destinations of an instance: (calling AE, modality, SOP class) → names.
+pub type Router = Arc<dyn Fn(&str, &str, &str) -> Vec<String> + Send + Sync>;
 
 /// Cheap to clone; shared by all associations.
 #[derive(Clone)]
@@ -117,18 +129,28 @@ pub struct Store {
 
 /// Owns the index thread; [`StoreRuntime::close`] waits for it once every [`Store`] is dropped.
 pub struct StoreRuntime {
-    thread: std::thread::JoinHandle<Result<Database, String>>,
+    thread: std::thread::JoinHandle<Result<Arc<Database>, String>>,
 }
 
 impl StoreRuntime {
     /// Joins the index thread and records a clean shutdown. Call after every [`Store`] clone
     /// is dropped, or this waits forever.
     pub fn close(self) -> Result<(), String> {
+        // Every Store clone must be gone, including the forwarder's, or this waits forever.
         let db = self
             .thread
             .join()
             .map_err(|_| "index thread panicked".to_owned())??;
         index::mark_clean(&db)
+    }
+}
+
+impl StoreRuntime {
+    /// Joins the index thread without recording a clean shutdown: what a crash after the last
+    /// commit leaves behind (tests).
+    #[cfg(test)]
+    pub fn close_unclean(self) {
+        let _ = self.thread.join();
     }
 }
 
@@ -139,6 +161,8 @@ impl Store {
         data_dir: &Path,
         min_free: u64,
         on_fatal: tokio_util::sync::CancellationToken,
+        router: Router,
+        wake: Wake,
     ) -> Result<(Store, StoreRuntime, Recovery), StoreError> {
         let io_err = |path: &Path| {
             let path = path.to_path_buf();
@@ -153,9 +177,12 @@ impl Store {
             .map_err(|message| StoreError::Index { message })?;
         rec.clean = clean;
         if !clean {
-            reconcile(&db, data_dir, &mut rec)?;
+            reconcile(&db, data_dir, &mut rec, &router)?;
         }
-        let (thread, handle) = IndexThread::new(db, data_dir.to_path_buf());
+        rec.in_flight_returned =
+            queue::recover_in_flight(&db).map_err(|message| StoreError::Index { message })?;
+        let db = Arc::new(db);
+        let (thread, handle) = IndexThread::new(db.clone(), data_dir.to_path_buf(), wake);
         let thread = std::thread::Builder::new()
             .name("index".into())
             .spawn(move || {
@@ -170,6 +197,8 @@ impl Store {
         let store = Store {
             inner: Arc::new(Inner {
                 data_dir: data_dir.to_path_buf(),
+                db,
+                router,
                 min_free,
                 index: handle,
                 low_space: AtomicBool::new(false),
@@ -180,6 +209,11 @@ impl Store {
 
     pub fn data_dir(&self) -> &Path {
         &self.inner.data_dir
+    }
+
+    /// The index, for the forwarder and operator queries (redb serialises writers).
+    pub fn db(&self) -> &Arc<Database> {
+        &self.inner.db
     }
 
     /// Free bytes for this service on the data directory's filesystem.
@@ -290,9 +324,13 @@ impl Ingest {
     pub async fn finish(mut self) -> Result<Stored, StoreError> {
         let (record, study, series) = tokio::task::block_in_place(|| self.seal())?;
         let size = record.size;
+        let destinations =
+            (self.store.inner.router)(&record.calling_ae, &record.modality, &record.sop_class_uid);
         let pending = Pending {
             tmp: self.tmp.clone(),
             record,
+            destinations,
+            high_priority: self.incoming.high_priority,
         };
         // From here the index thread owns the temporary file (it renames or removes it).
         self.file = None;
@@ -385,7 +423,12 @@ pub fn now_ms() -> u64 {
 
 /// After an unclean shutdown: index spool files that have no row, quarantine files whose content
 /// does not match their name, and report rows whose file is gone.
-fn reconcile(db: &Database, data_dir: &Path, rec: &mut Recovery) -> Result<(), StoreError> {
+fn reconcile(
+    db: &Database,
+    data_dir: &Path,
+    rec: &mut Recovery,
+    router: &Router,
+) -> Result<(), StoreError> {
     let idx = |message: String| StoreError::Index { message };
     let spool_dir = data_dir.join(spool::SPOOL_DIR);
     log::warn!(data_dir:% = data_dir.display(); "previous run did not shut down cleanly: reconciling spool files with the index");
@@ -415,7 +458,7 @@ fn reconcile(db: &Database, data_dir: &Path, rec: &mut Recovery) -> Result<(), S
         }
     }
     for (path, name_hash) in orphans {
-        match reindex_file(db, data_dir, &path, &name_hash) {
+        match reindex_file(db, data_dir, &path, &name_hash, router) {
             Ok(()) => rec.reindexed += 1,
             Err(reason) => {
                 let dest = spool::quarantine(data_dir, &path);
@@ -442,6 +485,7 @@ fn reindex_file(
     data_dir: &Path,
     path: &Path,
     name_hash: &Hash,
+    router: &Router,
 ) -> Result<(), String> {
     let (meta, offset, hash, size) = spool::hash_dataset(path).map_err(|e| e.to_string())?;
     if &hash != name_hash {
@@ -470,6 +514,8 @@ fn reindex_file(
     let old = index::existing(&txn, &record.sop_instance_uid)?;
     // The file without a row is the newest version: it was renamed just before a crash.
     index::put(&txn, &record, old.as_ref())?;
+    let destinations = router(&record.calling_ae, &record.modality, &record.sop_class_uid);
+    queue::enqueue(&txn, &record.sop_instance_uid, &destinations, false)?;
     txn.commit().map_err(|e| e.to_string())?;
     if let Some(old) = old.filter(|o| o.checksum != hash) {
         let _ = std::fs::remove_file(data_dir.join(spool::relative_path(&old.checksum)));
@@ -492,3 +538,6 @@ pub fn read_instances(data_dir: &Path) -> Result<Vec<InstanceRecord>, String> {
     })?;
     index::all_instances(&db)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,518 @@
+//! Store-and-forward: per-destination workers lease due queue entries, send them through
+//! [`upstream`], and record delivered / retry / failed (DESIGN.md section 3).
+//!
+//! Per destination, `max_associations` workers each keep one association open while there is
+//! work and release it after `idle_close`. Workers share the destination's link state: after a
+//! connection-level failure the destination backs off (exponential, with jitter) and the next
+//! attempt is one probe per worker, not one per instance. One slow or dead destination never
+//! holds up another: each has its own workers and its own part of the queue.
+//!
+//! At shutdown a worker stops between instances; what it leased goes back to pending.
+
+pub mod status;
+pub mod upstream;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redb::Database;
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Destination;
+use crate::store::queue::{self, Completion, Lease};
+use crate::store::{now_ms, spool};
+use status::Disposition;
+use upstream::{Offer, Upstream};
+
+/// Entries leased at once by one worker.
+const BATCH: usize = 32;
+/// An idle worker looks at the queue at least this often (entries returned by a retry).
+const IDLE_POLL: Duration = Duration::from_secs(5);
+
+/// What status reports about a destination's link.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LinkStatus {
+    /// None until the first attempt.
+    pub up: Option<bool>,
+    pub last_error: Option<String>,
+    /// Unix ms of the last change of `up`.
+    pub since_ms: u64,
+    /// Current backoff in ms (0 while up).
+    pub backoff_ms: u64,
+    pub open_associations: u32,
+    pub delivered_since_start: u64,
+    pub failed_since_start: u64,
+}
+
+struct Link {
+    status: LinkStatus,
+    next_attempt: Option<Instant>,
+    backoff: Duration,
+}
+
+/// One destination's runtime state, shared by its workers and the control socket.
+pub struct DestRuntime {
+    pub config: Destination,
+    wake: Notify,
+    link: Mutex<Link>,
+}
+
+impl DestRuntime {
+    pub fn link_status(&self) -> LinkStatus {
+        self.link
+            .lock()
+            .map(|l| l.status.clone())
+            .unwrap_or_default()
+    }
+
+    /// Wakes one idle worker (new work was committed).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    fn with_link<T>(&self, f: impl FnOnce(&mut Link) -> T) -> Option<T> {
+        self.link.lock().ok().map(|mut l| f(&mut l))
+    }
+
+    /// How long to wait before the next attempt, if the destination is backing off.
+    fn wait_time(&self) -> Option<Duration> {
+        self.with_link(|l| {
+            l.next_attempt
+                .and_then(|t| t.checked_duration_since(Instant::now()))
+        })
+        .flatten()
+    }
+
+    fn record_up(&self) {
+        let name = &self.config.name;
+        self.with_link(|l| {
+            if l.status.up != Some(true) {
+                log::info!(destination:% = name, address:% = self.config.address; "destination reachable: forwarding");
+                l.status.up = Some(true);
+                l.status.since_ms = now_ms();
+            }
+            l.status.last_error = None;
+            l.backoff = Duration::ZERO;
+            l.status.backoff_ms = 0;
+            l.next_attempt = None;
+        });
+    }
+
+    /// A connection-level failure or a PACS out of resources: back off, once per window.
+    fn record_failure(&self, error: &str, slow: bool) {
+        let cfg = &self.config;
+        self.with_link(|l| {
+            let now = Instant::now();
+            if l.next_attempt.is_some_and(|t| t > now) {
+                // Another worker already started this backoff window.
+                return;
+            }
+            l.backoff = if slow {
+                cfg.retry_max
+            } else if l.backoff.is_zero() {
+                cfg.retry_initial
+            } else {
+                (l.backoff * 2).min(cfg.retry_max)
+            };
+            let delay = jitter(l.backoff);
+            l.next_attempt = Some(now + delay);
+            l.status.backoff_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+            if l.status.up != Some(false) || l.status.last_error.as_deref() != Some(error) {
+                log::warn!(
+                    destination:% = cfg.name, address:% = cfg.address, called_ae:% = cfg.ae_title, reason:% = error;
+                    "destination unavailable: instances stay queued; next attempt in {:.0} s", delay.as_secs_f64()
+                );
+            }
+            if l.status.up != Some(false) {
+                l.status.since_ms = now_ms();
+            }
+            l.status.up = Some(false);
+            l.status.last_error = Some(error.to_owned());
+        });
+    }
+
+    fn count(&self, delivered: u64, failed: u64) {
+        self.with_link(|l| {
+            l.status.delivered_since_start += delivered;
+            l.status.failed_since_start += failed;
+        });
+    }
+
+    fn associations(&self, delta: i32) {
+        self.with_link(|l| {
+            l.status.open_associations = l.status.open_associations.saturating_add_signed(delta);
+        });
+    }
+}
+
+/// "Equal jitter": between half and all of `d`, so that workers and gateways spread out.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    let r = f64::from(nanos % 1000) / 1000.0;
+    d.mul_f64(0.5 + 0.5 * r)
+}
+
+/// The destinations' runtime state, by name.
+#[derive(Clone, Default)]
+pub struct Destinations {
+    by_name: Arc<HashMap<String, Arc<DestRuntime>>>,
+    order: Arc<Vec<String>>,
+}
+
+impl Destinations {
+    pub fn new(configs: &[Destination]) -> Self {
+        let by_name = configs
+            .iter()
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    Arc::new(DestRuntime {
+                        config: c.clone(),
+                        wake: Notify::new(),
+                        link: Mutex::new(Link {
+                            status: LinkStatus::default(),
+                            next_attempt: None,
+                            backoff: Duration::ZERO,
+                        }),
+                    }),
+                )
+            })
+            .collect();
+        Destinations {
+            by_name: Arc::new(by_name),
+            order: Arc::new(configs.iter().map(|c| c.name.clone()).collect()),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<DestRuntime>> {
+        self.by_name.get(name)
+    }
+
+    /// In configuration order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<DestRuntime>> {
+        self.order.iter().filter_map(|n| self.by_name.get(n))
+    }
+
+    pub fn wake(&self, name: &str) {
+        if let Some(d) = self.by_name.get(name) {
+            d.wake();
+        }
+    }
+}
+
+/// Starts every destination's workers on `tracker`.
+pub fn start(
+    dests: &Destinations,
+    db: Arc<Database>,
+    data_dir: PathBuf,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    for d in dests.iter() {
+        for id in 0..d.config.max_associations {
+            let w = Worker {
+                dest: d.clone(),
+                db: db.clone(),
+                data_dir: data_dir.clone(),
+                shutdown: shutdown.clone(),
+                id,
+            };
+            tracker.spawn(w.run());
+        }
+        // Work may be queued from before this start.
+        d.wake();
+    }
+}
+
+struct Worker {
+    dest: Arc<DestRuntime>,
+    db: Arc<Database>,
+    data_dir: PathBuf,
+    shutdown: CancellationToken,
+    id: u32,
+}
+
+impl Worker {
+    async fn run(self) {
+        let cfg = &self.dest.config;
+        let mut conn: Option<Upstream> = None;
+        let mut last_used = Instant::now();
+        while !self.shutdown.is_cancelled() {
+            if let Some(wait) = self.dest.wait_time() {
+                tokio::select! {
+                    () = self.shutdown.cancelled() => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+            let leases = match self.lease().await {
+                Ok(l) => l,
+                Err(e) => {
+                    log::error!(destination:% = cfg.name, error:% = e; "cannot read the queue");
+                    tokio::time::sleep(IDLE_POLL).await;
+                    continue;
+                }
+            };
+            if leases.is_empty() {
+                let idle_left = cfg
+                    .idle_close
+                    .checked_sub(last_used.elapsed())
+                    .unwrap_or_default();
+                let poll = if conn.is_some() {
+                    idle_left.min(IDLE_POLL)
+                } else {
+                    IDLE_POLL
+                };
+                tokio::select! {
+                    () = self.shutdown.cancelled() => break,
+                    () = self.dest.wake.notified() => {}
+                    () = tokio::time::sleep(poll) => {}
+                }
+                if conn.is_some() && last_used.elapsed() >= cfg.idle_close {
+                    self.close(conn.take()).await;
+                }
+                continue;
+            }
+            if leases.len() == BATCH {
+                // More work than one batch: let another worker start in parallel.
+                self.dest.wake();
+            }
+            let results = self.send_batch(&mut conn, leases).await;
+            last_used = Instant::now();
+            self.record(results).await;
+        }
+        self.close(conn).await;
+    }
+
+    async fn lease(&self) -> Result<Vec<Lease>, String> {
+        let (db, name) = (self.db.clone(), self.dest.config.name.clone());
+        tokio::task::spawn_blocking(move || queue::lease(&db, &name, BATCH))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    async fn close(&self, conn: Option<Upstream>) {
+        if let Some(c) = conn {
+            c.release().await;
+            self.dest.associations(-1);
+            log::debug!(destination:% = self.dest.config.name, worker = self.id; "association released");
+        }
+    }
+
+    /// Sends a batch on `conn` (opening or replacing it as needed); every lease gets an outcome.
+    async fn send_batch(
+        &self,
+        conn: &mut Option<Upstream>,
+        leases: Vec<Lease>,
+    ) -> Vec<(Lease, Completion)> {
+        let cfg = &self.dest.config;
+        let offers: BTreeSet<(String, String)> = leases
+            .iter()
+            .map(|l| {
+                (
+                    l.record.sop_class_uid.clone(),
+                    l.record.transfer_syntax.clone(),
+                )
+            })
+            .collect();
+        if conn
+            .as_ref()
+            .is_some_and(|c| !offers.iter().all(|(s, t)| c.can_send(s, t)))
+        {
+            self.close(conn.take()).await;
+        }
+        if conn.is_none() {
+            let offers: Vec<Offer> = offers
+                .into_iter()
+                .map(|(sop_class_uid, transfer_syntax)| Offer {
+                    sop_class_uid,
+                    transfer_syntax,
+                })
+                .collect();
+            match Upstream::connect(cfg, &offers).await {
+                Ok(c) => {
+                    self.dest.record_up();
+                    self.dest.associations(1);
+                    *conn = Some(c);
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    self.dest
+                        .record_failure(&text, status::is_configuration_error(&e));
+                    return leases
+                        .into_iter()
+                        .map(|l| {
+                            (
+                                l,
+                                Completion::Retry {
+                                    status: None,
+                                    error: text.clone(),
+                                },
+                            )
+                        })
+                        .collect();
+                }
+            }
+        }
+        let mut results = Vec::with_capacity(leases.len());
+        let mut rest = leases.into_iter();
+        while let Some(lease) = rest.next() {
+            let Some(c) = conn.as_mut() else {
+                results.push((
+                    lease,
+                    Completion::Retry {
+                        status: None,
+                        error: "association lost".into(),
+                    },
+                ));
+                continue;
+            };
+            if self.shutdown.is_cancelled() {
+                results.push((
+                    lease,
+                    Completion::Retry {
+                        status: None,
+                        error: "gateway stopping".into(),
+                    },
+                ));
+                continue;
+            }
+            let r = &lease.record;
+            if !c.can_send(&r.sop_class_uid, &r.transfer_syntax) {
+                let error = format!(
+                    "the PACS accepted no presentation context for {} in {}; transcoding is not supported yet",
+                    crate::sop::describe(&r.sop_class_uid),
+                    crate::sop::describe(&r.transfer_syntax)
+                );
+                results.push((
+                    lease,
+                    Completion::Failed {
+                        status: None,
+                        error,
+                    },
+                ));
+                continue;
+            }
+            let path = self.data_dir.join(spool::relative_path(&r.checksum));
+            // PS3.7 section 9.1.1.1: Priority HIGH = 0x0001, MEDIUM = 0x0000.
+            let priority = if lease.rank == 0 { 0x0001 } else { 0x0000 };
+            match c.store(&path, priority).await {
+                Ok(rsp) => {
+                    let status = rsp.status;
+                    let outcome = match status::classify_status(status) {
+                        Disposition::Delivered => Completion::Delivered { status },
+                        Disposition::Retry => {
+                            let error = status::describe_response(status, rsp.comment.as_deref());
+                            self.dest.record_failure(&error, false);
+                            Completion::Retry {
+                                status: Some(status),
+                                error,
+                            }
+                        }
+                        Disposition::Failed => Completion::Failed {
+                            status: Some(status),
+                            error: status::describe_response(status, rsp.comment.as_deref()),
+                        },
+                    };
+                    let retrying = matches!(outcome, Completion::Retry { .. });
+                    results.push((lease, outcome));
+                    if retrying {
+                        // The PACS is out of resources: stop this batch, back off.
+                        for l in rest.by_ref() {
+                            results.push((
+                                l,
+                                Completion::Retry {
+                                    status: None,
+                                    error: "PACS busy".into(),
+                                },
+                            ));
+                        }
+                    }
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    let connection_lost = e.is_connection_level();
+                    let outcome = match status::classify_error(&e) {
+                        Disposition::Failed => Completion::Failed {
+                            status: None,
+                            error: text.clone(),
+                        },
+                        _ => Completion::Retry {
+                            status: None,
+                            error: text.clone(),
+                        },
+                    };
+                    results.push((lease, outcome));
+                    if connection_lost {
+                        if let Some(c) = conn.take() {
+                            drop(c);
+                            self.dest.associations(-1);
+                        }
+                        self.dest.record_failure(&text, false);
+                        for l in rest.by_ref() {
+                            results.push((
+                                l,
+                                Completion::Retry {
+                                    status: None,
+                                    error: text.clone(),
+                                },
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    async fn record(&self, results: Vec<(Lease, Completion)>) {
+        let cfg = &self.dest.config;
+        let delivered = results
+            .iter()
+            .filter(|(_, c)| matches!(c, Completion::Delivered { .. }))
+            .count() as u64;
+        let failed: Vec<_> = results
+            .iter()
+            .filter_map(|(l, c)| match c {
+                Completion::Failed { status, error } => {
+                    Some((l.sop_instance_uid.clone(), *status, error.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        for (sop, status, error) in &failed {
+            log::error!(
+                destination:% = cfg.name, sop_instance_uid:% = sop,
+                dimse_status:% = status.map(|s| format!("{s:04X}")).unwrap_or_default(), reason:% = error;
+                "instance moved to the failed queue"
+            );
+        }
+        if delivered > 0 {
+            log::info!(destination:% = cfg.name, worker = self.id, delivered = delivered; "forwarded");
+        }
+        self.dest.count(delivered, failed.len() as u64);
+        let give_up = cfg
+            .give_up_after
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let (db, name) = (self.db.clone(), cfg.name.clone());
+        let r = tokio::task::spawn_blocking(move || queue::complete(&db, &name, &results, give_up))
+            .await;
+        match r {
+            Ok(Ok(())) => {}
+            // The entries stay in flight and return to pending at the next start; nothing is
+            // lost, at worst sent twice.
+            Ok(Err(e)) => {
+                log::error!(destination:% = cfg.name, error:% = e; "cannot record forwarding results")
+            }
+            Err(e) => {
+                log::error!(destination:% = cfg.name, error:% = e; "cannot record forwarding results")
+            }
+        }
+    }
+}
