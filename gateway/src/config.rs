@@ -107,6 +107,8 @@ pub struct Config {
     pub modalities: Vec<Modality>,
     pub destinations: Vec<Destination>,
     pub cache: Cache,
+    /// Prometheus endpoint; `None` when disabled.
+    pub metrics: Option<SocketAddr>,
     pub dangerous: Dangerous,
     pub log: LogSettings,
     /// The file this came from, or the embedded default's name; for messages.
@@ -230,9 +232,18 @@ struct RawConfig {
     #[serde(default)]
     cache: RawCache,
     #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
     dangerous: RawDangerous,
     #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    /// Default: "127.0.0.1:9102"; "" disables the endpoint.
+    address: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -344,6 +355,7 @@ pub const DEFAULT_DIMSE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_WRITE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_MIN_FREE_DISK_MB: u64 = 1024;
 pub const DEFAULT_DEST_MAX_ASSOCIATIONS: u32 = 2;
+pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9102";
 pub const DEFAULT_HIGH_WATERMARK_PERCENT: u8 = 80;
 pub const DEFAULT_LOW_WATERMARK_PERCENT: u8 = 70;
 pub const DEFAULT_RETRY_INITIAL_SECS: u64 = 5;
@@ -610,6 +622,24 @@ impl Validator<'_> {
                 .map(|d| Duration::from_secs(d.saturating_mul(86_400))),
         };
 
+        let metrics = match &raw.metrics.address {
+            None => DEFAULT_METRICS_ADDRESS.parse().ok(),
+            Some(a) if a.get_ref().is_empty() => None,
+            Some(a) => match a.get_ref().parse() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    return self.err(
+                        Some(a.span()),
+                        "metrics.address",
+                        format!(
+                            "'{}' is not an IP address and port; write e.g. \"127.0.0.1:9102\", or \"\" to disable",
+                            a.get_ref()
+                        ),
+                    )
+                }
+            },
+        };
+
         let dangerous = Dangerous {
             any_calling_ae_from: raw
                 .dangerous
@@ -643,6 +673,7 @@ impl Validator<'_> {
             modalities,
             destinations,
             cache,
+            metrics,
             dangerous,
             log: LogSettings { level },
             source: self.file.to_owned(),

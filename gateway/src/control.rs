@@ -50,6 +50,14 @@ pub enum Request {
         #[serde(default)]
         sop_instance_uid: Option<String>,
     },
+    /// Studies received since a time, with per-destination delivery counts.
+    Studies {
+        since_ms: u64,
+        #[serde(default)]
+        calling_ae: Option<String>,
+        #[serde(default = "default_limit")]
+        limit: usize,
+    },
 }
 
 fn default_limit() -> usize {
@@ -205,6 +213,11 @@ fn answer(ctl: &Control, req: Request) -> Result<Value, String> {
             log::warn!(count = n, destination:? = destination, sop_instance_uid:? = sop_instance_uid; "operator retry: failed entries back to pending");
             Ok(json!({ "retried": n }))
         }
+        Request::Studies {
+            since_ms,
+            calling_ae,
+            limit,
+        } => studies(ctl, since_ms, calling_ae.as_deref(), limit),
         Request::QueuePurge {
             destination,
             sop_instance_uid,
@@ -218,6 +231,91 @@ fn answer(ctl: &Control, req: Request) -> Result<Value, String> {
             Ok(json!({ "purged": n }))
         }
     }
+}
+
+/// The reconciliation view: studies received since `since_ms` (by receive time of their
+/// instances), each with its instance count and, per destination, how many are delivered,
+/// pending and failed.
+fn studies(
+    ctl: &Control,
+    since_ms: u64,
+    calling_ae: Option<&str>,
+    limit: usize,
+) -> Result<Value, String> {
+    use std::collections::BTreeMap;
+    let db = ctl.store.db();
+    let dests: Vec<String> = ctl.dests.iter().map(|d| d.config.name.clone()).collect();
+    #[derive(Default)]
+    struct Study {
+        calling_ae: String,
+        modality: String,
+        accession: String,
+        study_date: String,
+        first_ms: u64,
+        last_ms: u64,
+        instances: u64,
+        per_dest: BTreeMap<String, [u64; 3]>,
+    }
+    let mut studies: BTreeMap<String, Study> = BTreeMap::new();
+    let mut after = Some((since_ms.saturating_sub(1), String::from("\u{10FFFF}")));
+    'scan: loop {
+        let batch = crate::store::index::oldest(db.as_ref(), after.clone(), 1024)?;
+        let Some(last) = batch.last().cloned() else {
+            break;
+        };
+        after = Some(last);
+        for (ms, sop) in batch {
+            let Some(r) = crate::store::index::get(db.as_ref(), &sop)? else {
+                continue;
+            };
+            if calling_ae.is_some_and(|a| a != r.calling_ae) {
+                continue;
+            }
+            if !studies.contains_key(&r.study_instance_uid) && studies.len() >= limit {
+                break 'scan;
+            }
+            let s = studies
+                .entry(r.study_instance_uid.clone())
+                .or_insert_with(|| Study {
+                    calling_ae: r.calling_ae.clone(),
+                    modality: r.modality.clone(),
+                    accession: r.accession_number.clone(),
+                    study_date: r.study_date.clone(),
+                    first_ms: ms,
+                    ..Study::default()
+                });
+            s.instances += 1;
+            s.last_ms = s.last_ms.max(ms);
+            for (d, e) in queue::entries_of(db, &sop, &dests)? {
+                let c = s.per_dest.entry(d).or_default();
+                match e.state {
+                    State::Delivered => c[0] += 1,
+                    State::Pending | State::InFlight => c[1] += 1,
+                    State::Failed => c[2] += 1,
+                }
+            }
+        }
+    }
+    Ok(Value::Array(
+        studies
+            .into_iter()
+            .map(|(uid, s)| {
+                json!({
+                    "study_instance_uid": uid,
+                    "calling_ae": s.calling_ae,
+                    "modality": s.modality,
+                    "accession_number": s.accession,
+                    "study_date": s.study_date,
+                    "first_received_ms": s.first_ms,
+                    "last_received_ms": s.last_ms,
+                    "instances": s.instances,
+                    "destinations": s.per_dest.into_iter().map(|(d, [delivered, pending, failed])| {
+                        json!({"name": d, "delivered": delivered, "pending": pending, "failed": failed})
+                    }).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    ))
 }
 
 /// Client side: sends one request to the daemon of `data_dir`.

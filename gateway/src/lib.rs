@@ -27,6 +27,7 @@ pub mod control;
 pub mod forward;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod sop;
 pub mod store;
 pub mod systemd;
@@ -154,6 +155,24 @@ pub async fn run(
         permits: permits.clone(),
         started_ms: store::now_ms(),
     };
+    let metrics_task = match config.metrics {
+        None => None,
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(l) => {
+                let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                log::info!(address:% = addr; "metrics endpoint listening");
+                Some(tokio::spawn(metrics::serve(
+                    l,
+                    control.clone(),
+                    shutdown.clone(),
+                )))
+            }
+            Err(e) => {
+                log::error!(address:% = addr, error:% = e; "metrics endpoint unavailable ([metrics] address)");
+                None
+            }
+        },
+    };
     let control_task = match control::listen(&config.gateway.data_dir) {
         Ok(l) => Some(tokio::spawn(control::serve(l, control, shutdown.clone()))),
         Err(e) => {
@@ -177,6 +196,16 @@ pub async fn run(
         config.gateway.ae_title,
         accept_tasks.len()
     ));
+    let supervisor = tokio::spawn(supervise(
+        accept_tasks
+            .iter()
+            .map(tokio::task::JoinHandle::abort_handle)
+            .collect(),
+        shared.store.clone(),
+        dests.clone(),
+        permits.clone(),
+        shutdown.clone(),
+    ));
 
     let failed = tokio::select! {
         () = shutdown.cancelled() => false,
@@ -188,6 +217,7 @@ pub async fn run(
         }
     };
     systemd::notify("STOPPING=1");
+    let _ = supervisor.await;
     log::info!(active_associations = permits.active(); "stopping: no new associations; waiting for those in progress");
     for t in accept_tasks {
         let _ = t.await;
@@ -208,7 +238,7 @@ pub async fn run(
     forwarders.close();
     forwarders.wait().await;
     let _ = evictor.await;
-    if let Some(t) = control_task {
+    for t in [control_task, metrics_task].into_iter().flatten() {
         let _ = t.await;
     }
     if failed {
@@ -246,13 +276,106 @@ async fn evict_loop(db: Arc<redb::Database>, config: Arc<Config>, stop: Cancella
         })
         .await;
         match r {
-            Ok(Ok(e)) if e.studies > 0 || e.held > 0 => log::info!(
+            Ok(Ok(e)) if e.studies > 0 || e.held > 0 => {
+                metrics::get().evicted(e.instances, e.bytes);
+                log::info!(
                 studies = e.studies, instances = e.instances, bytes = e.bytes, held_studies = e.held;
                 "cache eviction pass"
-            ),
+                );
+            }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => log::error!(error:% = e; "cache eviction failed"),
             Err(e) => log::error!(error:% = e; "cache eviction task failed"),
         }
+    }
+}
+
+/// The checks behind WATCHDOG=1: every accept loop still runs, the index thread turned within
+/// the last few seconds, and every destination's workers turned within their timeouts. A
+/// timer that pings whatever happens would hide exactly the hangs the watchdog is for.
+fn health(
+    accepts: &[tokio::task::AbortHandle],
+    store: &Store,
+    dests: &forward::Destinations,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if accepts.iter().any(tokio::task::AbortHandle::is_finished) {
+        problems.push("an accept loop has ended".to_owned());
+    }
+    let age = store.index_heartbeat_age();
+    if age > Duration::from_secs(20) {
+        problems.push(format!(
+            "the index thread has not turned for {} s",
+            age.as_secs()
+        ));
+    }
+    for d in dests.iter() {
+        if !d.is_alive() {
+            problems.push(format!(
+                "the forwarder of destination {} is stuck",
+                d.config.name
+            ));
+        }
+    }
+    problems
+}
+
+/// Sends WATCHDOG=1 while [`health`] finds nothing wrong, and a STATUS= summary.
+async fn supervise(
+    accepts: Vec<tokio::task::AbortHandle>,
+    store: Store,
+    dests: forward::Destinations,
+    permits: Permits,
+    stop: CancellationToken,
+) {
+    let watchdog = systemd::watchdog_interval();
+    let every = watchdog.map_or(Duration::from_secs(10), |w| {
+        (w / 2).min(Duration::from_secs(10))
+    });
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let problems = health(&accepts, &store, &dests);
+        if problems.is_empty() {
+            if watchdog.is_some() {
+                systemd::notify("WATCHDOG=1");
+            }
+        } else {
+            log::error!(problems:? = problems; "health check failed: not feeding the watchdog");
+        }
+        let db = store.db().clone();
+        let names: Vec<(String, bool)> = dests
+            .iter()
+            .map(|d| (d.config.name.clone(), d.link_status().up != Some(false)))
+            .collect();
+        let queues = tokio::task::spawn_blocking(move || {
+            names
+                .into_iter()
+                .map(|(n, up)| {
+                    let c = store::queue::stats(&db, &n)
+                        .map(|s| s.0)
+                        .unwrap_or_default();
+                    format!(
+                        "{n}: {} pending, {} failed{}",
+                        c.pending,
+                        c.failed,
+                        if up { "" } else { ", link DOWN" }
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let queues = if queues.is_empty() {
+            "cache only".to_owned()
+        } else {
+            queues.join("; ")
+        };
+        systemd::notify(&format!(
+            "STATUS={} association(s); {queues}",
+            permits.active()
+        ));
     }
 }

@@ -108,6 +108,7 @@ async fn refuse_busy(socket: TcpStream, peer: SocketAddr, shared: &Shared, limit
         return;
     };
     let refusal = negotiate::limit_refusal(limit);
+    crate::metrics::get().association_rejected(&refusal.rj.source);
     log::warn!(
         peer:% = peer, calling_ae:% = rq.calling_ae_title.trim(), called_ae:% = rq.called_ae_title.trim(),
         reason:% = refusal.reason;

@@ -61,6 +61,39 @@ enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// Recent studies with instance counts and per-destination delivery state
+    /// ("was everything from CT01 yesterday delivered?").
+    Studies {
+        #[command(flatten)]
+        target: Target,
+        /// How far back: e.g. 30m, 12h, 2d (default 24h).
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Only studies from this calling AE title.
+        #[arg(long)]
+        calling_ae: Option<String>,
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// C-ECHO a configured destination with the gateway's settings, or any peer with --to.
+    Echo {
+        /// Name of a [[destination]] in the config.
+        destination: Option<String>,
+        /// Config file (default: the embedded default).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Ad-hoc peer HOST:PORT instead of a configured destination.
+        #[arg(long, conflicts_with = "destination", requires = "aet")]
+        to: Option<String>,
+        /// Called AE title of the ad-hoc peer.
+        #[arg(long)]
+        aet: Option<String>,
+        /// Calling AE title (default: the gateway's).
+        #[arg(long)]
+        calling_ae: Option<String>,
+    },
 }
 
 /// Which gateway a client command talks to.
@@ -149,6 +182,38 @@ fn main() -> ExitCode {
             }
         }),
         Command::Queue { action } => queue(action),
+        Command::Studies {
+            target,
+            since,
+            calling_ae,
+            limit,
+            json,
+        } => {
+            let Some(age) = parse_age(&since) else {
+                eprintln!("error: --since '{since}' is not a duration; write e.g. 30m, 12h or 2d");
+                return ExitCode::FAILURE;
+            };
+            let since_ms = dicom_gateway::store::now_ms().saturating_sub(age);
+            let req = Request::Studies {
+                since_ms,
+                calling_ae,
+                limit,
+            };
+            client(&target, &req, |v| {
+                if json {
+                    println!("{v:#}");
+                } else {
+                    print_studies(v);
+                }
+            })
+        }
+        Command::Echo {
+            destination,
+            config,
+            to,
+            aet,
+            calling_ae,
+        } => echo(destination, config, to, aet, calling_ae),
     }
 }
 
@@ -441,6 +506,173 @@ fn instances(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> 
         println!("{} instance(s)", rows.len());
     }
     ExitCode::SUCCESS
+}
+
+
+/// "30m", "12h", "2d" → milliseconds.
+fn parse_age(s: &str) -> Option<u64> {
+    let (n, unit) = s.split_at(s.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    let ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(ms)
+}
+
+fn print_studies(v: &serde_json::Value) {
+    let rows = v.as_array().cloned().unwrap_or_default();
+    println!(
+        "{:<64} {:<16} {:<4} {:<10} {:>9}  DELIVERY (delivered/pending/failed)",
+        "STUDY INSTANCE UID", "CALLING AE", "MOD", "DATE", "INSTANCES"
+    );
+    for r in &rows {
+        let delivery: Vec<String> = r["destinations"]
+            .as_array()
+            .map(|ds| {
+                ds.iter()
+                    .map(|d| {
+                        let (ok, pending, failed) = (
+                            d["delivered"].as_u64().unwrap_or(0),
+                            d["pending"].as_u64().unwrap_or(0),
+                            d["failed"].as_u64().unwrap_or(0),
+                        );
+                        let flag = if failed > 0 {
+                            " FAILED"
+                        } else if pending > 0 {
+                            " pending"
+                        } else {
+                            " complete"
+                        };
+                        format!(
+                            "{}: {ok}/{pending}/{failed}{flag}",
+                            d["name"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<64} {:<16} {:<4} {:<10} {:>9}  {}",
+            r["study_instance_uid"].as_str().unwrap_or(""),
+            r["calling_ae"].as_str().unwrap_or(""),
+            r["modality"].as_str().unwrap_or(""),
+            r["study_date"].as_str().unwrap_or(""),
+            r["instances"].to_string(),
+            if delivery.is_empty() {
+                "not routed (cache only)".to_owned()
+            } else {
+                delivery.join("; ")
+            }
+        );
+    }
+    println!(
+        "{} stud{}",
+        rows.len(),
+        if rows.len() == 1 { "y" } else { "ies" }
+    );
+}
+
+fn echo(
+    destination: Option<String>,
+    config: Option<PathBuf>,
+    to: Option<String>,
+    aet: Option<String>,
+    calling_ae: Option<String>,
+) -> ExitCode {
+    let cfg = match &config {
+        Some(p) => match Config::load(p) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Config::embedded_default(),
+    };
+    let dest = match (destination, to) {
+        (Some(name), None) => match cfg.destinations.iter().find(|d| d.name == name) {
+            Some(d) => d.clone(),
+            None => {
+                let names: Vec<&str> = cfg.destinations.iter().map(|d| d.name.as_str()).collect();
+                eprintln!(
+                    "error: no destination '{name}' in {}; configured: {}",
+                    cfg.source,
+                    names.join(", ")
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, Some(addr)) => {
+            let text = format!(
+                "[gateway]\nae_title = \"{}\"\n[[listen]]\naddress = \"127.0.0.1:1\"\n[[destination]]\nname = \"adhoc\"\nae_title = {:?}\naddress = {:?}\n",
+                cfg.gateway.ae_title,
+                aet.unwrap_or_default(),
+                addr
+            );
+            match Config::parse(&text, "--to/--aet") {
+                Ok(c) => c.destinations[0].clone(),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => {
+            eprintln!("error: name a configured destination, or give --to HOST:PORT --aet AE");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut dest = dest;
+    if let Some(a) = calling_ae {
+        match dicom_gateway::config::AeTitle::new(&a) {
+            Ok(a) => dest.calling_ae = a,
+            Err(e) => {
+                eprintln!("error: --calling-ae: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = std::time::Instant::now();
+    let r = rt.block_on(async {
+        let mut up = dicom_gateway::forward::upstream::Upstream::connect(&dest, &[]).await?;
+        let status = up.echo().await;
+        up.release().await;
+        status
+    });
+    match r {
+        Ok(0) => {
+            println!(
+                "C-ECHO {} -> {}@{}: Success ({} ms)",
+                dest.calling_ae,
+                dest.ae_title,
+                dest.address,
+                started.elapsed().as_millis()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(s) => {
+            println!("C-ECHO {}@{}: status {s:04X}", dest.ae_title, dest.address);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

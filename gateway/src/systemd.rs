@@ -26,3 +26,14 @@ fn send(path: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// The watchdog interval systemd expects (`WatchdogSec=`), if it is meant for this process.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| std::time::Duration::from_micros(usec))
+}

@@ -107,6 +107,7 @@ where
     let accepted = match negotiate::negotiate(rq, peer.ip(), &shared.config) {
         Ok(a) => a,
         Err(Refusal { rj, reason }) => {
+            crate::metrics::get().association_rejected(&rj.source);
             log::warn!(
                 peer:% = peer, calling_ae:% = calling_raw, called_ae:% = called_raw, reason:% = reason;
                 "association rejected: {}", rj.source
@@ -126,6 +127,7 @@ where
         log::warn!(peer:% = peer, calling_ae:% = accepted.calling_ae, reason:% = e; "could not send A-ASSOCIATE-AC");
         return;
     }
+    crate::metrics::get().association_accepted();
     log::info!(
         peer:% = peer, calling_ae:% = accepted.calling_ae, called_ae:% = accepted.called_ae,
         accepted_contexts = accepted.contexts.len(), rejected_contexts = accepted.rejected.len();
@@ -415,6 +417,7 @@ impl Conn<'_> {
                     crate::store::CommitOutcome::Duplicate => self.tally.duplicates += 1,
                     _ => self.tally.stored += 1,
                 }
+                crate::metrics::get().cstore(status::SUCCESS, stored.size);
                 log::info!(
                     calling_ae:% = self.calling_ae, sop_instance_uid:% = sop,
                     study_instance_uid:% = stored.study_instance_uid, size = stored.size, outcome:? = stored.outcome;
@@ -424,6 +427,7 @@ impl Conn<'_> {
             }
             Err((code, why)) => {
                 self.tally.failed += 1;
+                crate::metrics::get().cstore(code, 0);
                 log::warn!(
                     peer:% = self.peer, calling_ae:% = self.calling_ae, sop_instance_uid:% = sop,
                     dimse_status:% = format!("{code:04X}"), reason:% = why;

@@ -60,9 +60,25 @@ pub struct DestRuntime {
     pub config: Destination,
     wake: Notify,
     link: Mutex<Link>,
+    /// Unix ms of the last turn of any worker loop; every step of a worker is bounded by a
+    /// timeout, so a stale heartbeat means a stuck forwarder.
+    heartbeat: std::sync::atomic::AtomicU64,
 }
 
 impl DestRuntime {
+    fn beat(&self) {
+        self.heartbeat
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the workers turned recently enough (watchdog).
+    pub fn is_alive(&self) -> bool {
+        let limit = 2 * (self.config.dimse_timeout + self.config.connect_timeout) + 3 * IDLE_POLL;
+        let age =
+            now_ms().saturating_sub(self.heartbeat.load(std::sync::atomic::Ordering::Relaxed));
+        u128::from(age) <= limit.as_millis()
+    }
+
     pub fn link_status(&self) -> LinkStatus {
         self.link
             .lock()
@@ -181,6 +197,7 @@ impl Destinations {
                             next_attempt: None,
                             backoff: Duration::ZERO,
                         }),
+                        heartbeat: std::sync::atomic::AtomicU64::new(now_ms()),
                     }),
                 )
             })
@@ -245,11 +262,14 @@ impl Worker {
         let mut conn: Option<Upstream> = None;
         let mut last_used = Instant::now();
         while !self.shutdown.is_cancelled() {
+            self.dest.beat();
             if let Some(wait) = self.dest.wait_time() {
+                // Sleep in short steps so the heartbeat stays fresh through long backoffs.
                 tokio::select! {
                     () = self.shutdown.cancelled() => break,
-                    () = tokio::time::sleep(wait) => {}
+                    () = tokio::time::sleep(wait.min(IDLE_POLL)) => {}
                 }
+                continue;
             }
             let leases = match self.lease().await {
                 Ok(l) => l,
@@ -284,6 +304,7 @@ impl Worker {
                 self.dest.wake();
             }
             let results = self.send_batch(&mut conn, leases).await;
+            self.dest.beat();
             last_used = Instant::now();
             self.record(results).await;
         }
@@ -497,6 +518,16 @@ impl Worker {
             log::info!(destination:% = cfg.name, worker = self.id, delivered = delivered; "forwarded");
         }
         self.dest.count(delivered, failed.len() as u64);
+        let m = crate::metrics::get();
+        for (_, c) in &results {
+            match c {
+                Completion::Delivered { status } => {
+                    m.forwarded(&cfg.name, "delivered", Some(*status))
+                }
+                Completion::Retry { status, .. } => m.forwarded(&cfg.name, "retry", *status),
+                Completion::Failed { status, .. } => m.forwarded(&cfg.name, "failed", *status),
+            }
+        }
         let give_up = cfg
             .give_up_after
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));

@@ -14,7 +14,9 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -347,9 +349,17 @@ pub fn study_instances(db: &impl ReadableDatabase, study_uid: &str) -> IndexResu
 #[derive(Clone)]
 pub struct IndexHandle {
     tx: mpsc::SyncSender<Request>,
+    heartbeat: Arc<AtomicU64>,
 }
 
 impl IndexHandle {
+    /// How long since the index thread last turned (it turns at least every second).
+    pub fn heartbeat_age(&self) -> Duration {
+        Duration::from_millis(
+            super::now_ms().saturating_sub(self.heartbeat.load(Ordering::Relaxed)),
+        )
+    }
+
     /// Queues a commit; the answer comes once the commit holding it is durable.
     pub async fn commit(&self, pending: Pending) -> IndexResult<CommitOutcome> {
         let (reply, rx) = tokio::sync::oneshot::channel();
@@ -374,19 +384,23 @@ pub struct IndexThread {
     data_dir: PathBuf,
     rx: mpsc::Receiver<Request>,
     wake: Wake,
+    /// Unix ms of the thread's last turn; the watchdog checks it is recent.
+    heartbeat: Arc<AtomicU64>,
 }
 
 impl IndexThread {
     pub fn new(db: Arc<Database>, data_dir: PathBuf, wake: Wake) -> (IndexThread, IndexHandle) {
         let (tx, rx) = mpsc::sync_channel(MAX_BATCH);
+        let heartbeat = Arc::new(AtomicU64::new(super::now_ms()));
         (
             IndexThread {
                 db,
                 data_dir,
                 rx,
                 wake,
+                heartbeat: heartbeat.clone(),
             },
-            IndexHandle { tx },
+            IndexHandle { tx, heartbeat },
         )
     }
 
@@ -394,7 +408,13 @@ impl IndexThread {
     /// Returns `Err` after a failed commit: redb then refuses writes until reopened, so the
     /// caller must stop the gateway (systemd restarts it and redb repairs on open).
     pub fn run(self) -> Result<Arc<Database>, String> {
-        while let Ok(first) = self.rx.recv() {
+        loop {
+            self.heartbeat.store(super::now_ms(), Ordering::Relaxed);
+            let first = match self.rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(r) => r,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match self.rx.try_recv() {

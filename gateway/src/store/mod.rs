@@ -211,6 +211,11 @@ impl Store {
         &self.inner.data_dir
     }
 
+    /// How long since the index thread last turned; the watchdog wants this small.
+    pub fn index_heartbeat_age(&self) -> std::time::Duration {
+        self.inner.index.heartbeat_age()
+    }
+
     /// The index, for the forwarder and operator queries (redb serialises writers).
     pub fn db(&self) -> &Arc<Database> {
         &self.inner.db
