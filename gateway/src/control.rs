@@ -6,7 +6,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::forward::Destinations;
 use crate::listener::Permits;
+use crate::live::Live;
 use crate::store::queue::{self, Selector, State};
 use crate::store::{now_ms, Store};
 
@@ -50,6 +50,8 @@ pub enum Request {
         #[serde(default)]
         sop_instance_uid: Option<String>,
     },
+    /// Re-read the configuration file (as SIGHUP does) and say what changed.
+    Reload,
     /// Studies received since a time, with per-destination delivery counts.
     Studies {
         since_ms: u64,
@@ -67,11 +69,13 @@ fn default_limit() -> usize {
 /// What the control socket can see of the running gateway.
 #[derive(Clone)]
 pub struct Control {
-    pub config: Arc<Config>,
+    pub config: Live<Config>,
     pub store: Store,
-    pub dests: Destinations,
+    pub dests: Live<Destinations>,
     pub permits: Permits,
     pub started_ms: u64,
+    /// Asks the daemon to reload its configuration file.
+    pub reload: crate::daemon::ReloadSender,
 }
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
@@ -123,6 +127,17 @@ async fn handle(stream: UnixStream, ctl: &Control) {
         return;
     }
     let response = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Reload) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let sent = ctl.reload.send(Some(tx)).await.is_ok();
+            match rx.await {
+                Ok(Ok(summary)) if sent => {
+                    json!({"ok": true, "result": {"reloaded": true, "changes": summary}})
+                }
+                Ok(Err(e)) => json!({"ok": false, "error": e}),
+                _ => json!({"ok": false, "error": "the gateway is stopping"}),
+            }
+        }
         Ok(req) => {
             let ctl = ctl.clone();
             match tokio::task::spawn_blocking(move || answer(&ctl, req)).await {
@@ -147,7 +162,7 @@ fn answer(ctl: &Control, req: Request) -> Result<Value, String> {
         Request::Status => {
             let now = now_ms();
             let mut dests = Vec::new();
-            for d in ctl.dests.iter() {
+            for d in ctl.dests.get().iter() {
                 let (counts, oldest) = queue::stats(db, &d.config.name)?;
                 dests.push(json!({
                     "name": d.config.name,
@@ -164,13 +179,13 @@ fn answer(ctl: &Control, req: Request) -> Result<Value, String> {
             Ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "uptime_s": now.saturating_sub(ctl.started_ms) / 1000,
-                "ae_title": ctl.config.gateway.ae_title.as_str(),
-                "listeners": ctl.config.listen.iter().map(|l| l.address.to_string()).collect::<Vec<_>>(),
+                "ae_title": ctl.config.get().gateway.ae_title.as_str(),
+                "listeners": ctl.config.get().listen.iter().map(|l| l.address.to_string()).collect::<Vec<_>>(),
                 "active_associations": ctl.permits.active(),
-                "max_associations": ctl.config.gateway.max_associations.get(),
-                "data_dir": ctl.config.gateway.data_dir.display().to_string(),
+                "max_associations": ctl.config.get().gateway.max_associations.get(),
+                "data_dir": ctl.config.get().gateway.data_dir.display().to_string(),
                 "disk_free_bytes": free,
-                "disk_reserve_bytes": ctl.config.gateway.min_free_disk_bytes,
+                "disk_reserve_bytes": ctl.config.get().gateway.min_free_disk_bytes,
                 "destinations": dests,
             }))
         }
@@ -208,11 +223,12 @@ fn answer(ctl: &Control, req: Request) -> Result<Value, String> {
             };
             let (n, dests) = queue::retry_failed(db, &sel)?;
             for d in &dests {
-                ctl.dests.wake(d);
+                ctl.dests.get().wake(d);
             }
             log::warn!(count = n, destination:? = destination, sop_instance_uid:? = sop_instance_uid; "operator retry: failed entries back to pending");
             Ok(json!({ "retried": n }))
         }
+        Request::Reload => Err("reload is handled by the daemon loop".into()),
         Request::Studies {
             since_ms,
             calling_ae,
@@ -244,7 +260,12 @@ fn studies(
 ) -> Result<Value, String> {
     use std::collections::BTreeMap;
     let db = ctl.store.db();
-    let dests: Vec<String> = ctl.dests.iter().map(|d| d.config.name.clone()).collect();
+    let dests: Vec<String> = ctl
+        .dests
+        .get()
+        .iter()
+        .map(|d| d.config.name.clone())
+        .collect();
     #[derive(Default)]
     struct Study {
         calling_ae: String,

@@ -12,9 +12,11 @@ use std::time::Duration;
 use dicom_ul::pdu::Pdu;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::association::{self, negotiate, pdu, Shared};
+use crate::live::Live;
 
 /// Connections being refused at once, at most.
 const MAX_REFUSALS: usize = 64;
@@ -24,7 +26,8 @@ const MAX_REFUSALS: usize = 64;
 pub struct Permits {
     pub associations: Arc<Semaphore>,
     refusals: Arc<Semaphore>,
-    limit: u32,
+    /// The configured limit; the semaphore holds `limit - active` permits.
+    limit: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Permits {
@@ -32,29 +35,51 @@ impl Permits {
         Permits {
             associations: Arc::new(Semaphore::new(limit as usize)),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
-            limit,
+            limit: Arc::new(std::sync::atomic::AtomicU32::new(limit)),
         }
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Associations in progress.
     pub fn active(&self) -> usize {
-        (self.limit as usize).saturating_sub(self.associations.available_permits())
+        (self.limit() as usize).saturating_sub(self.associations.available_permits())
+    }
+
+    /// Changes the limit (reload). Lowering it takes permits away as associations end; the
+    /// ones in progress are not cut off.
+    pub fn resize(&self, new: u32) {
+        let old = self.limit.swap(new, std::sync::atomic::Ordering::Relaxed);
+        if new > old {
+            self.associations.add_permits((new - old) as usize);
+        } else if new < old {
+            let sem = self.associations.clone();
+            tokio::spawn(async move {
+                if let Ok(p) = sem.acquire_many_owned(old - new).await {
+                    p.forget();
+                }
+            });
+        }
     }
 }
 
-/// Accepts until `shared.shutdown` is cancelled. Association tasks go to `tracker`, so the
-/// caller can wait for them.
+/// Accepts until `stop` is cancelled. Association tasks go to `tracker`, so the caller can
+/// wait for them. `stop` ends this loop alone (a reload that drops the address); `live` gives each new
+/// connection the configuration current at accept time.
 pub async fn accept_loop(
     listener: TcpListener,
-    shared: Shared,
+    live: Live<Shared>,
     permits: Permits,
     tracker: TaskTracker,
+    stop: CancellationToken,
 ) {
     let local = listener.local_addr().ok();
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
-            () = shared.shutdown.cancelled() => break,
+            () = stop.cancelled() => break,
             a = listener.accept() => a,
         };
         let (socket, peer) = match accepted {
@@ -75,7 +100,7 @@ pub async fn accept_loop(
         let _ = socket.set_nodelay(true);
         match permits.associations.clone().try_acquire_owned() {
             Ok(permit) => {
-                let shared = shared.clone();
+                let shared = Shared::clone(&live.get());
                 tracker.spawn(async move {
                     association::serve(socket, peer, shared).await;
                     drop(permit);
@@ -83,8 +108,8 @@ pub async fn accept_loop(
             }
             Err(_) => match permits.refusals.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    let shared = shared.clone();
-                    let limit = permits.limit;
+                    let shared = Shared::clone(&live.get());
+                    let limit = permits.limit();
                     tracker.spawn(async move {
                         refuse_busy(socket, peer, &shared, limit).await;
                         drop(permit);

@@ -56,6 +56,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make the running gateway re-read its configuration file (like SIGHUP); prints what
+    /// changed, or why the new file was refused (the running configuration then stays).
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Inspect and steer the forwarding queue of the running gateway.
     Queue {
         #[command(subcommand)]
@@ -182,6 +188,9 @@ fn main() -> ExitCode {
             }
         }),
         Command::Queue { action } => queue(action),
+        Command::Reload { target } => client(&target, &Request::Reload, |v| {
+            println!("reloaded: {}", v["changes"].as_str().unwrap_or(""));
+        }),
         Command::Studies {
             target,
             since,
@@ -424,14 +433,31 @@ fn run(config_path: Option<PathBuf>) -> ExitCode {
     let result = rt.block_on(async move {
         let listeners = dicom_gateway::bind(&config).await?;
         let shutdown = CancellationToken::new();
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        dicom_gateway::run(config, listeners, shutdown).await
+        tokio::spawn(reload_on_sighup(reload_tx.clone()));
+        dicom_gateway::run(config, listeners, shutdown, reload_tx, reload_rx).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGHUP (systemctl reload) re-reads the configuration file.
+async fn reload_on_sighup(tx: dicom_gateway::daemon::ReloadSender) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        log::error!("cannot install the SIGHUP handler; use 'dicom-gateway reload'");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        log::info!("SIGHUP received: reloading the configuration");
+        if tx.send(None).await.is_err() {
+            return;
         }
     }
 }
@@ -507,7 +533,6 @@ fn instances(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> 
     }
     ExitCode::SUCCESS
 }
-
 
 /// "30m", "12h", "2d" → milliseconds.
 fn parse_age(s: &str) -> Option<u64> {

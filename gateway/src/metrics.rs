@@ -207,7 +207,7 @@ impl Metrics {
             .set(i64::try_from(ctl.permits.active()).unwrap_or(i64::MAX));
         let now = now_ms();
         let db = ctl.store.db();
-        for d in ctl.dests.iter() {
+        for d in ctl.dests.get().iter() {
             let l: Labels = vec![("destination", d.config.name.clone())];
             if let Ok((c, oldest)) = queue::stats(db, &d.config.name) {
                 let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
@@ -222,7 +222,7 @@ impl Metrics {
                 .get_or_create(&l)
                 .set(i64::from(d.link_status().up == Some(true)));
         }
-        if let Ok((pct, free)) = evict::disk_use(&ctl.config.gateway.data_dir) {
+        if let Ok((pct, free)) = evict::disk_use(&ctl.config.get().gateway.data_dir) {
             self.disk_free.set(i64::try_from(free).unwrap_or(i64::MAX));
             // Truncation to whole percent is what the gauge shows.
             #[allow(clippy::cast_possible_truncation)]
