@@ -37,6 +37,9 @@ pub struct GatewayConfig {
     pub min_free_disk_mb: u64,
     pub modalities: Vec<Modality>,
     pub any_calling_ae_from: Vec<String>,
+    /// `[metrics] address`; empty (the test default) disables the endpoint, so parallel
+    /// tests do not compete for one port.
+    pub metrics_address: String,
 }
 
 impl Default for GatewayConfig {
@@ -58,6 +61,7 @@ impl Default for GatewayConfig {
                 Modality::new("RAW", &["127.0.0.0/8"]),
             ],
             any_calling_ae_from: Vec::new(),
+            metrics_address: String::new(),
         }
     }
 }
@@ -104,6 +108,11 @@ impl GatewayConfig {
                 toml_list(&m.hosts)
             );
         }
+        let _ = writeln!(
+            t,
+            "\n[metrics]\naddress = {}",
+            toml_str(&self.metrics_address)
+        );
         let _ = writeln!(
             t,
             "\n[dangerous]\nany_calling_ae_from = {}",
