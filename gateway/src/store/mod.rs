@@ -370,6 +370,7 @@ impl Ingest {
             .map_err(io_err(&self.tmp))?;
         let fields = parse::read_fields(
             BufReader::with_capacity(64 * 1024, &*file),
+            self.size,
             &self.incoming.transfer_syntax,
         )
         .map_err(|e| StoreError::CannotUnderstand { reason: e.0 })?;
@@ -498,7 +499,8 @@ fn reindex_file(
     }
     let mut f = File::open(path).map_err(|e| e.to_string())?;
     f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
-    let fields = parse::read_fields(BufReader::new(f), &meta.transfer_syntax).map_err(|e| e.0)?;
+    let fields =
+        parse::read_fields(BufReader::new(f), size, &meta.transfer_syntax).map_err(|e| e.0)?;
     let record = InstanceRecord {
         sop_instance_uid: meta.sop_instance_uid,
         sop_class_uid: meta.sop_class_uid,
