@@ -154,19 +154,27 @@ pub fn mark_clean(db: &Database) -> IndexResult<()> {
     txn.commit().map_err(|e| e.to_string())
 }
 
-/// The current record of an instance, if any.
-pub fn existing(
-    txn: &WriteTransaction,
+fn lookup(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
     sop_instance_uid: &str,
 ) -> IndexResult<Option<InstanceRecord>> {
-    let instances = txn.open_table(INSTANCES).map_err(|e| e.to_string())?;
-    let row = instances.get(sop_instance_uid).map_err(|e| e.to_string())?;
-    match row {
+    match table.get(sop_instance_uid).map_err(|e| e.to_string())? {
         None => Ok(None),
         Some(v) => postcard::from_bytes(v.value())
             .map(Some)
             .map_err(|e| format!("corrupt index row for {sop_instance_uid}: {e}")),
     }
+}
+
+/// The current record of an instance, if any, inside a write transaction.
+pub fn existing(
+    txn: &WriteTransaction,
+    sop_instance_uid: &str,
+) -> IndexResult<Option<InstanceRecord>> {
+    lookup(
+        &txn.open_table(INSTANCES).map_err(|e| e.to_string())?,
+        sop_instance_uid,
+    )
 }
 
 /// The record of an instance, read outside the index thread.
@@ -175,14 +183,10 @@ pub fn get(
     sop_instance_uid: &str,
 ) -> IndexResult<Option<InstanceRecord>> {
     let txn = db.begin_read().map_err(|e| e.to_string())?;
-    let instances = txn.open_table(INSTANCES).map_err(|e| e.to_string())?;
-    let row = instances.get(sop_instance_uid).map_err(|e| e.to_string())?;
-    match row {
-        None => Ok(None),
-        Some(v) => postcard::from_bytes(v.value())
-            .map(Some)
-            .map_err(|e| format!("corrupt index row for {sop_instance_uid}: {e}")),
-    }
+    lookup(
+        &txn.open_table(INSTANCES).map_err(|e| e.to_string())?,
+        sop_instance_uid,
+    )
 }
 
 /// Inserts `rec`, replacing `old` (the current record of the same SOP Instance UID) if given.
