@@ -12,9 +12,11 @@
 //! Each test file uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod certs;
 mod checks;
 mod config;
 pub mod data;
+pub mod orthanc;
 pub mod raw;
 mod tools;
 
