@@ -31,6 +31,18 @@ use upstream::{Offer, Upstream};
 
 /// Entries leased at once by one worker.
 const BATCH: usize = 32;
+/// Outcomes are made durable after this many instances or bytes at the latest.
+const RECORD_EVERY: usize = 8;
+const RECORD_BYTES: u64 = 64 * 1024 * 1024;
+
+/// An entry that was leased but not sent: back to pending, no attempt counted.
+fn not_sent(why: &str) -> Completion {
+    Completion::Retry {
+        status: None,
+        error: why.to_owned(),
+        attempted: false,
+    }
+}
 /// An idle worker looks at the queue at least this often (entries returned by a retry).
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
@@ -366,42 +378,26 @@ impl Worker {
                     let text = e.to_string();
                     self.dest
                         .record_failure(&text, status::is_configuration_error(&e));
-                    return leases
-                        .into_iter()
-                        .map(|l| {
-                            (
-                                l,
-                                Completion::Retry {
-                                    status: None,
-                                    error: text.clone(),
-                                },
-                            )
-                        })
-                        .collect();
+                    return leases.into_iter().map(|l| (l, not_sent(&text))).collect();
                 }
             }
         }
         let mut results = Vec::with_capacity(leases.len());
+        let mut unrecorded_bytes = 0u64;
         let mut rest = leases.into_iter();
         while let Some(lease) = rest.next() {
+            // Outcomes are recorded every few instances, not once per batch, so that a crash
+            // re-sends little that was already delivered.
+            if results.len() >= RECORD_EVERY || unrecorded_bytes >= RECORD_BYTES {
+                self.record(std::mem::take(&mut results)).await;
+                unrecorded_bytes = 0;
+            }
             let Some(c) = conn.as_mut() else {
-                results.push((
-                    lease,
-                    Completion::Retry {
-                        status: None,
-                        error: "association lost".into(),
-                    },
-                ));
+                results.push((lease, not_sent("association lost")));
                 continue;
             };
             if self.shutdown.is_cancelled() {
-                results.push((
-                    lease,
-                    Completion::Retry {
-                        status: None,
-                        error: "gateway stopping".into(),
-                    },
-                ));
+                results.push((lease, not_sent("gateway stopping")));
                 continue;
             }
             let r = &lease.record;
@@ -420,45 +416,38 @@ impl Worker {
                 ));
                 continue;
             }
+            unrecorded_bytes += r.size;
             let path = self.data_dir.join(spool::relative_path(&r.checksum));
             // PS3.7 section 9.1.1.1: Priority HIGH = 0x0001, MEDIUM = 0x0000.
             let priority = if lease.rank == 0 { 0x0001 } else { 0x0000 };
-            match c.store(&path, priority).await {
+            let (outcome, stop_batch) = match c.store(&path, priority).await {
                 Ok(rsp) => {
                     let status = rsp.status;
-                    let outcome = match status::classify_status(status) {
-                        Disposition::Delivered => Completion::Delivered { status },
+                    let text = || status::describe_response(status, rsp.comment.as_deref());
+                    match status::classify_status(status) {
+                        Disposition::Delivered => (Completion::Delivered { status }, None),
+                        Disposition::Failed => (
+                            Completion::Failed {
+                                status: Some(status),
+                                error: text(),
+                            },
+                            None,
+                        ),
                         Disposition::Retry => {
-                            let error = status::describe_response(status, rsp.comment.as_deref());
+                            // The PACS is out of resources: stop this batch, back off.
+                            let error = text();
                             self.dest.record_failure(&error, false);
-                            Completion::Retry {
+                            let r = Completion::Retry {
                                 status: Some(status),
                                 error,
-                            }
-                        }
-                        Disposition::Failed => Completion::Failed {
-                            status: Some(status),
-                            error: status::describe_response(status, rsp.comment.as_deref()),
-                        },
-                    };
-                    let retrying = matches!(outcome, Completion::Retry { .. });
-                    results.push((lease, outcome));
-                    if retrying {
-                        // The PACS is out of resources: stop this batch, back off.
-                        for l in rest.by_ref() {
-                            results.push((
-                                l,
-                                Completion::Retry {
-                                    status: None,
-                                    error: "PACS busy".into(),
-                                },
-                            ));
+                                attempted: true,
+                            };
+                            (r, Some("PACS busy".to_owned()))
                         }
                     }
                 }
                 Err(e) => {
                     let text = e.to_string();
-                    let connection_lost = e.is_connection_level();
                     let outcome = match status::classify_error(&e) {
                         Disposition::Failed => Completion::Failed {
                             status: None,
@@ -467,26 +456,23 @@ impl Worker {
                         _ => Completion::Retry {
                             status: None,
                             error: text.clone(),
+                            attempted: true,
                         },
                     };
-                    results.push((lease, outcome));
-                    if connection_lost {
-                        if let Some(c) = conn.take() {
-                            drop(c);
+                    if e.is_connection_level() {
+                        if conn.take().is_some() {
                             self.dest.associations(-1);
                         }
                         self.dest.record_failure(&text, false);
-                        for l in rest.by_ref() {
-                            results.push((
-                                l,
-                                Completion::Retry {
-                                    status: None,
-                                    error: text.clone(),
-                                },
-                            ));
-                        }
+                        (outcome, Some(text))
+                    } else {
+                        (outcome, None)
                     }
                 }
+            };
+            results.push((lease, outcome));
+            if let Some(why) = stop_batch {
+                results.extend(rest.by_ref().map(|l| (l, not_sent(&why))));
             }
         }
         results

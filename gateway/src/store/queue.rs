@@ -69,9 +69,19 @@ pub struct Counts {
 /// What the forwarder decided for one leased entry.
 #[derive(Clone, Debug)]
 pub enum Completion {
-    Delivered { status: u16 },
-    Retry { status: Option<u16>, error: String },
-    Failed { status: Option<u16>, error: String },
+    Delivered {
+        status: u16,
+    },
+    /// Back to pending; `attempted`: something was sent (counts as an attempt).
+    Retry {
+        status: Option<u16>,
+        error: String,
+        attempted: bool,
+    },
+    Failed {
+        status: Option<u16>,
+        error: String,
+    },
 }
 
 /// A leased entry with what the sender needs.
@@ -295,17 +305,27 @@ pub fn complete(
             continue;
         };
         e.updated_ms = now;
-        e.attempts = e.attempts.saturating_add(1);
+        if !matches!(
+            outcome,
+            Completion::Retry {
+                attempted: false,
+                ..
+            }
+        ) {
+            e.attempts = e.attempts.saturating_add(1);
+        }
         let mut outcome = outcome.clone();
         if e.resend {
             outcome = Completion::Retry {
                 status: None,
                 error: "a new version arrived during the transfer".into(),
+                attempted: false,
             };
             e.resend = false;
             e.attempts = 0;
         }
-        if let (Completion::Retry { status, error }, Some(limit)) = (&outcome, give_up_after_ms) {
+        if let (Completion::Retry { status, error, .. }, Some(limit)) = (&outcome, give_up_after_ms)
+        {
             if now.saturating_sub(e.enqueued_ms) > limit {
                 outcome = Completion::Failed {
                     status: *status,
@@ -326,7 +346,7 @@ pub fn complete(
                     c.delivered += 1;
                 })?;
             }
-            Completion::Retry { status, error } => {
+            Completion::Retry { status, error, .. } => {
                 e.state = State::Pending;
                 e.last_status = status;
                 e.last_error = error;

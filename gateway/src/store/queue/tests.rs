@@ -71,6 +71,7 @@ fn completions_move_entries_and_counts() {
             Completion::Retry {
                 status: Some(0xA700),
                 error: "busy".into(),
+                attempted: true,
             },
         ),
         (
@@ -149,6 +150,7 @@ fn purge_drops_only_failed_entries() {
                 Completion::Retry {
                     status: None,
                     error: "down".into(),
+                    attempted: true,
                 },
             ),
         ],
@@ -208,6 +210,7 @@ fn give_up_after_moves_old_retries_to_failed() {
             Completion::Retry {
                 status: None,
                 error: "down".into(),
+                attempted: true,
             },
         )],
         Some(1),
@@ -252,4 +255,21 @@ fn new_version_requeues_delivered_and_marks_in_flight_for_resend() {
         .collect();
     assert_eq!(got.len(), 2, "both versions are sent again: {got:?}");
     assert_eq!(counts(&db, "a").pending, 2);
+}
+
+#[test]
+fn entries_never_sent_do_not_count_attempts() {
+    let (_d, db) = db_with(&[("1.1", false)], &["a"]);
+    for _ in 0..3 {
+        let leased = lease(&db, "a", 10).unwrap();
+        let not_sent = Completion::Retry {
+            status: None,
+            error: "connection refused".into(),
+            attempted: false,
+        };
+        complete(&db, "a", &[(leased[0].clone(), not_sent)], None).unwrap();
+    }
+    let e = &list(&db, Some("a"), None, 10).unwrap()[0].2;
+    assert_eq!(e.attempts, 0);
+    assert_eq!(e.last_error, "connection refused");
 }
