@@ -126,11 +126,31 @@ pub struct GatewaySettings {
     pub dimse_timeout: Duration,
     pub write_timeout: Duration,
     pub min_free_disk_bytes: u64,
+    /// The CLI's Unix socket to the daemon (mode 0660: owner and group).
+    pub control_socket: PathBuf,
 }
 
 #[derive(Clone, Debug)]
 pub struct Listener {
     pub address: SocketAddr,
+    /// DICOM TLS on this port; `None`: plain DICOM.
+    pub tls: Option<ListenTls>,
+}
+
+/// `[[listen]] tls = { ... }`: the files of a TLS listener (absolute paths; read by
+/// [`crate::tls`] at start and at every reload).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenTls {
+    /// PEM certificate chain of the gateway, end-entity certificate first.
+    pub certificate: PathBuf,
+    /// PEM private key; must not be accessible by group or others.
+    pub private_key: PathBuf,
+    /// PEM bundle of the CAs that issue modality certificates. Always set when
+    /// `require_client_certificate` is true.
+    pub client_ca: Option<PathBuf>,
+    /// Mutual TLS. Default true; false only with `[dangerous]
+    /// allow_tls_without_client_certificate = true`.
+    pub require_client_certificate: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -138,6 +158,20 @@ pub struct Modality {
     pub ae_title: AeTitle,
     pub hosts: Vec<IpNet>,
     pub description: Option<String>,
+    /// SHA-256 of the (DER) client certificate this AE title must present over TLS.
+    pub certificate_sha256: Option<[u8; 32]>,
+    /// Attributes the subject of its client certificate must contain.
+    pub certificate_subject: Option<crate::tls::DistinguishedName>,
+    /// Whether it may associate over a plain (non-TLS) listener. Default: true without a pin;
+    /// a modality with a pin must use TLS (false, and true is refused).
+    pub allow_plain: bool,
+}
+
+impl Modality {
+    /// Whether a certificate pin is configured.
+    pub fn has_pin(&self) -> bool {
+        self.certificate_sha256.is_some() || self.certificate_subject.is_some()
+    }
 }
 
 /// The local cache of delivered instances and when it is trimmed.
@@ -176,6 +210,22 @@ pub struct Destination {
     /// An association without work is released after this long.
     pub idle_close: Duration,
     pub route: Route,
+    /// DICOM TLS toward this PACS; `None`: plain DICOM.
+    pub tls: Option<DestinationTls>,
+}
+
+/// `[[destination]] tls = { ... }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DestinationTls {
+    /// PEM bundle of the CAs trusted for the PACS certificate; `None`: the operating system's
+    /// trust store.
+    pub ca: Option<PathBuf>,
+    /// The name the PACS certificate must carry (DNS name or IP address); default: the host
+    /// part of `address`.
+    pub server_name: String,
+    /// Client certificate chain and key for mutual TLS; both or neither.
+    pub certificate: Option<PathBuf>,
+    pub private_key: Option<PathBuf>,
 }
 
 /// Which instances go to a destination. Empty lists match everything; each non-empty list must
@@ -210,6 +260,8 @@ impl Config {
 pub struct Dangerous {
     /// Networks from which any calling AE title is accepted, registered or not.
     pub any_calling_ae_from: Vec<IpNet>,
+    /// Allows `require_client_certificate = false` on TLS listeners.
+    pub allow_tls_without_client_certificate: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -281,6 +333,18 @@ struct RawDestination {
     idle_close_secs: Option<Spanned<u64>>,
     #[serde(default)]
     route: RawRoute,
+    tls: Option<RawDestinationTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestinationTls {
+    /// Default: the operating system's trust store.
+    ca: Option<Spanned<String>>,
+    /// Default: the host of `address`.
+    server_name: Option<Spanned<String>>,
+    certificate: Option<Spanned<String>>,
+    private_key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -314,12 +378,25 @@ struct RawGateway {
     write_timeout_secs: Option<Spanned<u64>>,
     /// Default: 1024 MiB.
     min_free_disk_mb: Option<u64>,
+    /// Default: <data_dir>/control.sock.
+    control_socket: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawListen {
     address: Spanned<String>,
+    tls: Option<Spanned<RawListenTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListenTls {
+    certificate: Spanned<String>,
+    private_key: Spanned<String>,
+    client_ca: Option<Spanned<String>>,
+    /// Default: true.
+    require_client_certificate: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -328,6 +405,10 @@ struct RawModality {
     ae_title: Spanned<String>,
     hosts: Spanned<Vec<Spanned<String>>>,
     description: Option<String>,
+    certificate_sha256: Option<Spanned<String>>,
+    certificate_subject: Option<Spanned<String>>,
+    /// Default: true without a pin, false with one.
+    allow_plain: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -335,6 +416,9 @@ struct RawModality {
 struct RawDangerous {
     #[serde(default)]
     any_calling_ae_from: Vec<Spanned<String>>,
+    /// Default: false.
+    #[serde(default)]
+    allow_tls_without_client_certificate: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -490,6 +574,10 @@ impl Validator<'_> {
                 "is empty; give a directory on the spool disk".into(),
             );
         }
+        let control_socket = g
+            .control_socket
+            .clone()
+            .unwrap_or_else(|| data_dir.join("control.sock"));
         let gateway = GatewaySettings {
             ae_title: self.ae(&g.ae_title, "gateway.ae_title")?,
             data_dir,
@@ -519,6 +607,7 @@ impl Validator<'_> {
                 .min_free_disk_mb
                 .unwrap_or(DEFAULT_MIN_FREE_DISK_MB)
                 .saturating_mul(1024 * 1024),
+            control_socket,
         };
 
         if raw.listen.is_empty() {
@@ -552,7 +641,16 @@ impl Validator<'_> {
                     format!("{address} is listed twice"),
                 );
             }
-            listen.push(Listener { address });
+            let tls = match &l.tls {
+                None => None,
+                Some(t) => Some(self.listen_tls(
+                    i,
+                    address,
+                    t,
+                    raw.dangerous.allow_tls_without_client_certificate,
+                )?),
+            };
+            listen.push(Listener { address, tls });
         }
 
         let mut modalities = Vec::new();
@@ -582,10 +680,15 @@ impl Validator<'_> {
                 .enumerate()
                 .map(|(j, h)| self.net(h, &format!("{key}.hosts[{j}]")))
                 .collect::<Result<Vec<_>, _>>()?;
+            let (certificate_sha256, certificate_subject, allow_plain) =
+                self.modality_tls(&key, m)?;
             modalities.push(Modality {
                 ae_title,
                 hosts,
                 description: m.description.clone(),
+                certificate_sha256,
+                certificate_subject,
+                allow_plain,
             });
         }
 
@@ -648,6 +751,9 @@ impl Validator<'_> {
                 .enumerate()
                 .map(|(j, h)| self.net(h, &format!("dangerous.any_calling_ae_from[{j}]")))
                 .collect::<Result<Vec<_>, _>>()?,
+            allow_tls_without_client_certificate: raw
+                .dangerous
+                .allow_tls_without_client_certificate,
         };
 
         let level = match raw.log.level {
@@ -812,6 +918,185 @@ impl Validator<'_> {
                 &format!("{key}.idle_close_secs"),
             )?,
             route,
+            tls: match &d.tls {
+                None => None,
+                Some(t) => Some(self.destination_tls(&key, d.address.get_ref(), t)?),
+            },
+        })
+    }
+}
+
+/// Validation of the TLS keys (`tls` of `[[listen]]` and `[[destination]]`, the pins of
+/// `[[modality]]`). Files are only named here; [`crate::tls`] reads them.
+impl Validator<'_> {
+    /// An absolute path (a service's working directory is `/`, so a relative one would be a
+    /// trap).
+    fn abs_path(&self, v: &Spanned<String>, key: &str) -> Result<PathBuf, ConfigError> {
+        let p = PathBuf::from(v.get_ref());
+        if v.get_ref().is_empty() || !p.is_absolute() {
+            return self.err(
+                Some(v.span()),
+                key,
+                format!(
+                    "'{}' is not an absolute path; write e.g. \"/etc/dicom-gateway/tls/gateway.crt\"",
+                    v.get_ref()
+                ),
+            );
+        }
+        Ok(p)
+    }
+
+    fn listen_tls(
+        &self,
+        i: usize,
+        address: SocketAddr,
+        t: &Spanned<RawListenTls>,
+        allow_without_client_cert: bool,
+    ) -> Result<ListenTls, ConfigError> {
+        let key = format!("listen[{i}].tls");
+        if address.port() == 0 {
+            return self.err(
+                Some(t.span()),
+                &key,
+                "a TLS listener needs a fixed port (not 0); 2762 is the registered DICOM TLS port"
+                    .into(),
+            );
+        }
+        let raw = t.get_ref();
+        let require = raw
+            .require_client_certificate
+            .as_ref()
+            .is_none_or(|r| *r.get_ref());
+        if !require && !allow_without_client_cert {
+            return self.err(
+                raw.require_client_certificate.as_ref().map(Spanned::span),
+                &format!("{key}.require_client_certificate"),
+                "false needs [dangerous] allow_tls_without_client_certificate = true: without client certificates, any host in a modality's hosts that knows its AE title can store over this port".into(),
+            );
+        }
+        let client_ca = match &raw.client_ca {
+            Some(c) => Some(self.abs_path(c, &format!("{key}.client_ca"))?),
+            None if require => {
+                return self.err(
+                    Some(t.span()),
+                    &format!("{key}.client_ca"),
+                    "is missing: client certificates are required (the default), so give the PEM bundle of the CA(s) that issue the modalities' certificates".into(),
+                )
+            }
+            None => None,
+        };
+        Ok(ListenTls {
+            certificate: self.abs_path(&raw.certificate, &format!("{key}.certificate"))?,
+            private_key: self.abs_path(&raw.private_key, &format!("{key}.private_key"))?,
+            client_ca,
+            require_client_certificate: require,
+        })
+    }
+
+    /// (certificate_sha256, certificate_subject, allow_plain) of a `[[modality]]`.
+    #[allow(clippy::type_complexity)]
+    fn modality_tls(
+        &self,
+        key: &str,
+        m: &RawModality,
+    ) -> Result<
+        (
+            Option<[u8; 32]>,
+            Option<crate::tls::DistinguishedName>,
+            bool,
+        ),
+        ConfigError,
+    > {
+        let sha =
+            match &m.certificate_sha256 {
+                None => None,
+                Some(v) => Some(crate::tls::parse_sha256(v.get_ref()).or_else(|p| {
+                    self.err(Some(v.span()), &format!("{key}.certificate_sha256"), p)
+                })?),
+            };
+        let subject =
+            match &m.certificate_subject {
+                None => None,
+                Some(v) => Some(crate::tls::DistinguishedName::parse(v.get_ref()).or_else(
+                    |p| self.err(Some(v.span()), &format!("{key}.certificate_subject"), p),
+                )?),
+            };
+        let pinned = sha.is_some() || subject.is_some();
+        let allow_plain = match &m.allow_plain {
+            None => !pinned,
+            Some(v) if *v.get_ref() && pinned => {
+                return self.err(
+                    Some(v.span()),
+                    &format!("{key}.allow_plain"),
+                    "true is not allowed with a certificate pin: a pinned modality must use DICOM TLS (remove allow_plain or the pin)".into(),
+                )
+            }
+            Some(v) => *v.get_ref(),
+        };
+        Ok((sha, subject, allow_plain))
+    }
+
+    fn destination_tls(
+        &self,
+        key: &str,
+        address: &str,
+        t: &RawDestinationTls,
+    ) -> Result<DestinationTls, ConfigError> {
+        let key = format!("{key}.tls");
+        let server_name = match &t.server_name {
+            Some(n) => {
+                if crate::tls::server_name(n.get_ref()).is_none() {
+                    return self.err(
+                        Some(n.span()),
+                        &format!("{key}.server_name"),
+                        format!(
+                            "'{}' is not a DNS name or IP address; write the name in the PACS certificate, e.g. \"pacs.example.org\"",
+                            n.get_ref()
+                        ),
+                    );
+                }
+                n.get_ref().clone()
+            }
+            None => {
+                // `address` was checked to be host:port; IPv6 hosts are in brackets.
+                let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                if crate::tls::server_name(host).is_none() {
+                    return self.err(
+                        None,
+                        &format!("{key}.server_name"),
+                        format!("the host '{host}' of the address cannot be checked against a certificate; set server_name to the name in the PACS certificate"),
+                    );
+                }
+                host.to_owned()
+            }
+        };
+        let certificate = t
+            .certificate
+            .as_ref()
+            .map(|c| self.abs_path(c, &format!("{key}.certificate")))
+            .transpose()?;
+        let private_key = t
+            .private_key
+            .as_ref()
+            .map(|c| self.abs_path(c, &format!("{key}.private_key")))
+            .transpose()?;
+        if certificate.is_some() != private_key.is_some() {
+            return self.err(
+                None,
+                &format!("{key}.certificate"),
+                "certificate and private_key go together (mutual TLS): give both or neither".into(),
+            );
+        }
+        Ok(DestinationTls {
+            ca: t
+                .ca
+                .as_ref()
+                .map(|c| self.abs_path(c, &format!("{key}.ca")))
+                .transpose()?,
+            server_name,
+            certificate,
+            private_key,
         })
     }
 }

@@ -104,6 +104,7 @@ Association rejection (PS3.8 section 9.3.4):
 | --- | --- | --- | --- |
 | Called AE title is not `gateway.ae_title` | 1 rejected-permanent | 1 DICOM UL service-user | 7 called-AE-title-not-recognized |
 | Calling AE title not registered as a `[[modality]]`, or the peer address is not one of its `hosts` | 1 rejected-permanent | 1 DICOM UL service-user | 3 calling-AE-title-not-recognized |
+| Registered calling AE title whose TLS client certificate does not match its pin, or that must use TLS and came over a plain port | 1 rejected-permanent | 1 DICOM UL service-user | 3 calling-AE-title-not-recognized |
 | Application context name is not the DICOM one | 1 rejected-permanent | 1 DICOM UL service-user | 2 application-context-name-not-supported |
 | `gateway.max_associations` associations in progress | 2 rejected-transient | 3 DICOM UL service-provider (presentation) | 2 local-limit-exceeded |
 | Protocol version 1 not offered | 1 rejected-permanent | 2 DICOM UL service-provider (ACSE) | 2 protocol-version-not-supported |
@@ -136,19 +137,7 @@ Indexed attributes: SOP Class/Instance UID, Study and Series Instance UID, Patie
 Accession Number, Study Date, transfer syntax, size, a BLAKE3 checksum of the dataset, calling AE
 and receive time. Patient demographics are never written to the log at info level or above.
 
-## 4. Communication profiles
-
-TCP/IP (PS3.8), IPv4 and IPv6, TCP_NODELAY on every association. DICOM TLS is not yet
-supported in this version.
-
-## 5. Security
-
-- The called AE title must match.
-- Calling AE titles are checked against a registry of modalities, each with the IP addresses or
-  networks it may connect from. A `[dangerous] any_calling_ae_from` list can accept any calling
-  AE from given networks; the embedded default configuration uses it for loopback only and says
-  so at start-up.
-
+{tls}
 ## 6. Character sets
 
 Datasets are stored as received; no character set conversion is done. Specific Character Set is
@@ -163,8 +152,70 @@ not interpreted except to index the attributes above.
         dimse = config::DEFAULT_DIMSE_TIMEOUT_SECS,
         write = config::DEFAULT_WRITE_TIMEOUT_SECS,
         reserve = config::DEFAULT_MIN_FREE_DISK_MB,
+        tls = communication_and_security(),
     );
     s
+}
+
+/// Sections 4 and 5: the TCP/IP and TLS profiles and the security measures, with the TLS
+/// versions and cipher suites taken from [`crate::tls`].
+fn communication_and_security() -> String {
+    let suites: String = crate::tls::cipher_suite_names()
+        .iter()
+        .map(|(name, version)| format!("| {name} | {version} |\n"))
+        .collect();
+    format!(
+        r#"## 4. Communication profiles
+
+TCP/IP (PS3.8), IPv4 and IPv6, TCP_NODELAY on every association.
+
+DICOM TLS (PS3.15 Annex B) is supported on both sides, per port and per destination: a
+`[[listen]]` entry with `tls` accepts only TLS (registered port 2762; plain DICOM on such a port
+is refused and logged), one without accepts only plain DICOM. Toward a destination with `tls`
+the gateway is a TLS client.
+
+Secure transport connection profile (PS3.15 Annex B):
+**{profile}**.
+
+TLS 1.2 and TLS 1.3 only; SSL 3.0, TLS 1.0 and 1.1 are refused (RFC 8996), as is every cipher
+suite outside this list:
+
+| Cipher suite | Protocol |
+| --- | --- |
+{suites}
+Key exchange groups: X25519, secp256r1, secp384r1. Certificates: RSA or ECDSA (P-256, P-384),
+PEM files. The TLS handshake of an incoming connection must finish within
+`gateway.artim_timeout_secs`; toward a destination it shares `connect_timeout_secs` with the
+connection and the association negotiation.
+
+## 5. Security
+
+- The called AE title must match.
+- Calling AE titles are checked against a registry of modalities, each with the IP addresses or
+  networks it may connect from. A `[dangerous] any_calling_ae_from` list can accept any calling
+  AE from given networks (registered modalities still have their TLS rules applied); the
+  embedded default configuration uses it for loopback only and says so at start-up.
+- On a TLS port, peer authentication is mutual by default: the modality must present a client
+  certificate that chains to the configured client CA bundle and is within its validity
+  period. Optional client certificates need an explicit `[dangerous]` switch.
+- A modality can be pinned to its certificate, by SHA-256 fingerprint and/or subject
+  attributes: its AE title is then accepted only with that certificate, so one modality's
+  certificate cannot be used to send as another. A pinned modality, or one with
+  `allow_plain = false`, is refused on a plain port. Both refusals are A-ASSOCIATE-RJ
+  rejected-permanent, DICOM UL service-user, calling-AE-title-not-recognized, with the reason
+  in the log.
+- Toward a PACS the server certificate is verified against the configured CA bundle (or the
+  system trust store) and the configured server name; the gateway can present a client
+  certificate (mutual TLS). Certificate failures are retried like a link outage and reported as
+  what they are.
+- Private key files must be accessible by the service user only (mode 0600); the gateway does
+  not start, and does not reload, with one that group or others can read.
+- Certificates and keys of the listeners are re-read on SIGHUP (`systemctl reload`) without
+  ending associations in progress; an expired, unreadable or mismatched new file keeps the
+  certificate in service.
+"#,
+        profile = crate::tls::PROFILE,
+    )
 }
 
 #[cfg(test)]

@@ -1,11 +1,12 @@
 //! The control socket: the CLI's `status` and `queue` commands talk to the running daemon here,
 //! since redb admits one process.
 //!
-//! A Unix stream socket `control.sock` in the data directory, mode 0660 (owner and group). One
-//! JSON request line per connection, one JSON response line back.
+//! A Unix stream socket (`gateway.control_socket`, default `<data_dir>/control.sock`; the
+//! appliance puts it in the runtime directory), mode 0660: owner and group. One JSON request
+//! line per connection, one JSON response line back.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -21,7 +22,6 @@ use crate::live::Live;
 use crate::store::queue::{self, Selector, State};
 use crate::store::{now_ms, Store};
 
-pub const SOCKET: &str = "control.sock";
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -78,16 +78,11 @@ pub struct Control {
     pub reload: crate::daemon::ReloadSender,
 }
 
-pub fn socket_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(SOCKET)
-}
-
 /// Binds the socket, replacing a stale one from an earlier run.
-pub fn listen(data_dir: &Path) -> std::io::Result<UnixListener> {
-    let path = socket_path(data_dir);
-    let _ = std::fs::remove_file(&path);
-    let l = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+pub fn listen(path: &Path) -> std::io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     Ok(l)
 }
 
@@ -340,10 +335,9 @@ fn studies(
 }
 
 /// Client side: sends one request to the daemon of `data_dir`.
-pub fn request(data_dir: &Path, req: &Request) -> Result<Value, String> {
+pub fn request(path: &Path, req: &Request) -> Result<Value, String> {
     use std::io::{BufRead, Write};
-    let path = socket_path(data_dir);
-    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
         format!(
             "cannot reach the gateway at {} ({e}): is it running? (systemctl status dicom-gateway)",
             path.display()

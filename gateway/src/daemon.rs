@@ -78,6 +78,10 @@ pub async fn run(
     mut reload_rx: mpsc::Receiver<Option<ReloadReply>>,
 ) -> Result<(), RunError> {
     let config = Arc::new(config);
+    // TLS material first: a missing or broken file, or a key readable by others, refuses to
+    // start, before anything is opened.
+    let tls_listeners = crate::tls::Listeners::load(&config).context(crate::TlsSnafu)?;
+    crate::tls::check_destinations(&config).context(crate::TlsSnafu)?;
     let live_config: Live<Config> = Live::new(Config::clone(&config));
     let data_dir = config.gateway.data_dir.clone();
     let min_free = config.gateway.min_free_disk_bytes;
@@ -150,7 +154,7 @@ pub async fn run(
             }
         },
     };
-    let control_task = match control::listen(&config.gateway.data_dir) {
+    let control_task = match control::listen(&config.gateway.control_socket) {
         Ok(l) => Some(tokio::spawn(control::serve(l, control, shutdown.clone()))),
         Err(e) => {
             log::error!(error:% = e; "control socket unavailable: status and queue commands will not work");
@@ -167,6 +171,7 @@ pub async fn run(
             &tracker,
             &shutdown,
             &config,
+            &tls_listeners,
         );
     }
     let accept_handles: Arc<Mutex<Vec<AbortHandle>>> =
@@ -198,7 +203,7 @@ pub async fn run(
                 systemd::notify("RELOADING=1");
                 let r = reload(
                     &live_config, &live_shared, &live_dests, &permits, &mut listeners,
-                    &mut forwarding, &store, &tracker, &shutdown,
+                    &mut forwarding, &store, &tracker, &shutdown, &tls_listeners,
                 ).await;
                 if let Ok(mut h) = accept_handles.lock() {
                     *h = abort_handles(&listeners);
@@ -258,6 +263,7 @@ fn abort_handles(listeners: &Listeners) -> Vec<AbortHandle> {
     listeners.values().map(|(_, t)| t.abort_handle()).collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn start_listener(
     l: TcpListener,
     listeners: &mut Listeners,
@@ -266,6 +272,7 @@ fn start_listener(
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
     config: &Config,
+    tls: &crate::tls::Listeners,
 ) {
     let Ok(addr) = l.local_addr() else {
         return;
@@ -278,6 +285,7 @@ fn start_listener(
         permits.clone(),
         tracker.clone(),
         stop.clone(),
+        tls.for_address(addr),
     ));
     listeners.insert(addr, (stop, task));
 }
@@ -294,6 +302,7 @@ async fn reload(
     store: &Store,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
+    tls: &crate::tls::Listeners,
 ) -> Result<String, String> {
     let old = live_config.get();
     if old.source.starts_with('<') {
@@ -311,6 +320,10 @@ async fn reload(
             new.gateway.data_dir.display()
         ));
     }
+    // TLS files next (a reload is how certificates are rotated): a broken certificate or key
+    // keeps every listener on the one in service, and nothing else changes either.
+    let tls_prepared = crate::tls::prepare_listeners(&new).map_err(|e| e.to_string())?;
+    crate::tls::check_destinations(&new).map_err(|e| e.to_string())?;
     // Bind new addresses first: if one fails, nothing changes.
     let old_addrs: Vec<SocketAddr> = listeners.keys().copied().collect();
     let want: Vec<SocketAddr> = new.listen.iter().map(|l| l.address).collect();
@@ -329,6 +342,11 @@ async fn reload(
         store: store.clone(),
         shutdown: shutdown.clone(),
     });
+    let tls_reloaded = tls.apply(tls_prepared);
+    if !tls_reloaded.is_empty() {
+        let addrs: Vec<String> = tls_reloaded.iter().map(ToString::to_string).collect();
+        changes.push(format!("TLS certificates re-read for {}", addrs.join(", ")));
+    }
     if new.gateway.max_associations != old.gateway.max_associations {
         permits.resize(new.gateway.max_associations.get());
         changes.push(format!("max_associations {}", new.gateway.max_associations));
@@ -361,7 +379,16 @@ async fn reload(
         if let Ok(a) = l.local_addr() {
             changes.push(format!("listening on {a}"));
         }
-        start_listener(l, listeners, live_shared, permits, tracker, shutdown, &new);
+        start_listener(
+            l,
+            listeners,
+            live_shared,
+            permits,
+            tracker,
+            shutdown,
+            &new,
+            tls,
+        );
     }
     if new.log.level != old.log.level {
         log::set_max_level(new.log.level.max(log::LevelFilter::Warn));

@@ -2,10 +2,11 @@
 //!
 //! The data path, in the order the modules follow it:
 //! - [`listener`] accepts a socket once an association permit is free, and refuses it with
-//!   A-ASSOCIATE-RJ (transient) when none is.
-//! - [`association`] negotiates (called AE, the AE-title registry with the peer address,
-//!   presentation contexts), applies timeouts to every read and write, and streams each C-STORE
-//!   dataset PDU by PDU into [`store`].
+//!   A-ASSOCIATE-RJ (transient) when none is; on a TLS port it first runs the DICOM TLS
+//!   handshake ([`tls`]: profile, certificates, reload).
+//! - [`association`] negotiates (called AE, the AE-title registry with the peer address and the
+//!   TLS client certificate, presentation contexts), applies timeouts to every read and write,
+//!   and streams each C-STORE dataset PDU by PDU into [`store`].
 //! - [`store`] makes the instance durable: the spool file is fsynced and renamed, its directory
 //!   fsynced, and the redb row committed together with one queue entry per routed destination.
 //!   Only then does the association answer Success.
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod sop;
 pub mod store;
 pub mod systemd;
+pub mod tls;
 pub mod uid;
 
 use std::time::Duration;
@@ -60,6 +62,8 @@ pub enum RunError {
     Join { message: String },
     #[snafu(display("the index failed and the gateway stopped: {message}"))]
     IndexClose { message: String },
+    #[snafu(display("{source}"))]
+    Tls { source: tls::TlsError },
 }
 
 /// Binds every configured listener.

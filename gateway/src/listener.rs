@@ -4,19 +4,29 @@
 //! (`gateway.max_associations`). A connection that finds none is answered A-ASSOCIATE-RJ
 //! transient (local-limit-exceeded) by a short task that itself needs one of a bounded number
 //! of refusal permits; beyond those the connection is closed at once.
+//!
+//! DICOM TLS (PS3.15 Annex B): on a TLS listener each connection's task first checks the first
+//! byte (a TLS handshake record is 0x16, an A-ASSOCIATE-RQ 0x01, PS3.8 section 9.3.2), then runs
+//! the handshake, both within `gateway.artim_timeout` (the association has not started, so the
+//! ARTIM timer of PS3.8 section 9.1.5 is the natural bound; dicom-ul has none for it). Only
+//! then does the association (or the busy refusal) run over the TLS stream. Every failed
+//! handshake is logged with the reason a field engineer needs ([`crate::tls::explain`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use dicom_ul::pdu::Pdu;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::association::negotiate::Transport;
 use crate::association::{self, negotiate, pdu, Shared};
 use crate::live::Live;
+use crate::tls::{self, ListenerTls, PeerCertificate};
 
 /// Connections being refused at once, at most.
 const MAX_REFUSALS: usize = 64;
@@ -67,13 +77,15 @@ impl Permits {
 
 /// Accepts until `stop` is cancelled. Association tasks go to `tracker`, so the caller can
 /// wait for them. `stop` ends this loop alone (a reload that drops the address); `live` gives each new
-/// connection the configuration current at accept time.
+/// connection the configuration current at accept time, `tls` the TLS configuration (plain
+/// DICOM when it holds none).
 pub async fn accept_loop(
     listener: TcpListener,
     live: Live<Shared>,
     permits: Permits,
     tracker: TaskTracker,
     stop: CancellationToken,
+    tls: ListenerTls,
 ) {
     let local = listener.local_addr().ok();
     let mut backoff = Duration::from_millis(10);
@@ -98,11 +110,20 @@ pub async fn accept_loop(
         };
         // DESIGN.md section 5: Nagle plus delayed ACK costs ~40 ms per DIMSE message.
         let _ = socket.set_nodelay(true);
+        let server_tls = tls.current();
         match permits.associations.clone().try_acquire_owned() {
             Ok(permit) => {
                 let shared = Shared::clone(&live.get());
                 tracker.spawn(async move {
-                    association::serve(socket, peer, shared).await;
+                    match server_tls {
+                        None => association::serve(socket, peer, Transport::Plain, shared).await,
+                        Some(cfg) => {
+                            let artim = shared.config.gateway.artim_timeout;
+                            if let Some((s, t)) = handshake(socket, peer, cfg, artim).await {
+                                association::serve(s, peer, t, shared).await;
+                            }
+                        }
+                    }
                     drop(permit);
                 });
             }
@@ -111,7 +132,15 @@ pub async fn accept_loop(
                     let shared = Shared::clone(&live.get());
                     let limit = permits.limit();
                     tracker.spawn(async move {
-                        refuse_busy(socket, peer, &shared, limit).await;
+                        match server_tls {
+                            None => refuse_busy(socket, peer, &shared, limit).await,
+                            Some(cfg) => {
+                                let artim = shared.config.gateway.artim_timeout;
+                                if let Some((s, _)) = handshake(socket, peer, cfg, artim).await {
+                                    refuse_busy(s, peer, &shared, limit).await;
+                                }
+                            }
+                        }
                         drop(permit);
                     });
                 }
@@ -123,10 +152,106 @@ pub async fn accept_loop(
     }
 }
 
+/// The first byte of a TLS connection: a handshake record (RFC 8446 section 5.1, content type
+/// 22).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// The first byte of a plain DICOM connection: PDU type of A-ASSOCIATE-RQ (PS3.8 section
+/// 9.3.2).
+const A_ASSOCIATE_RQ: u8 = 0x01;
+
+/// Runs the TLS handshake of a connection to a TLS listener, first byte and handshake together
+/// within `artim`. `None` (logged with the reason) if it failed.
+async fn handshake(
+    socket: TcpStream,
+    peer: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+    artim: Duration,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Transport)> {
+    let deadline = tokio::time::Instant::now() + artim;
+    let refused = |reason: &str| {
+        log::warn!(peer:% = peer, reason:% = reason; "TLS handshake failed");
+    };
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, socket.peek(&mut first)).await {
+        Err(_) => {
+            refused(&format!(
+                "handshake timeout: the peer sent nothing within {} s (gateway.artim_timeout_secs)",
+                artim.as_secs()
+            ));
+            return None;
+        }
+        Ok(Ok(0)) => {
+            log::debug!(peer:% = peer; "connection closed before the TLS handshake");
+            return None;
+        }
+        Ok(Err(e)) => {
+            log::debug!(peer:% = peer, error:% = e; "connection failed before the TLS handshake");
+            return None;
+        }
+        Ok(Ok(_)) => {}
+    }
+    match first[0] {
+        TLS_HANDSHAKE_RECORD => {}
+        A_ASSOCIATE_RQ => {
+            refused("plain DICOM sent to a TLS port (the first PDU is an A-ASSOCIATE-RQ, not a TLS ClientHello): configure DICOM TLS on the modality, or send to a plain DICOM port");
+            return None;
+        }
+        b => {
+            refused(&format!(
+                "not a TLS handshake (first byte {b:#04x}); is the peer speaking DICOM TLS?"
+            ));
+            return None;
+        }
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(socket)).await {
+        Err(_) => {
+            refused(&format!(
+                "handshake timeout: not finished within {} s (gateway.artim_timeout_secs)",
+                artim.as_secs()
+            ));
+            return None;
+        }
+        Ok(Err(e)) => {
+            refused(&tls::explain(&e, tls::Side::Listener).reason);
+            return None;
+        }
+        Ok(Ok(s)) => s,
+    };
+    let conn = stream.get_ref().1;
+    let client = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| PeerCertificate::from_der(c));
+    let version = conn
+        .protocol_version()
+        .map(|v| format!("{v:?}"))
+        .unwrap_or_default();
+    let suite = conn
+        .negotiated_cipher_suite()
+        .map(|s| format!("{:?}", s.suite()))
+        .unwrap_or_default();
+    match &client {
+        Some(c) => log::info!(
+            peer:% = peer, tls_version:% = version, cipher_suite:% = suite,
+            client_subject:% = c.subject, client_sha256:% = c.fingerprint();
+            "TLS session established"
+        ),
+        None => log::info!(
+            peer:% = peer, tls_version:% = version, cipher_suite:% = suite;
+            "TLS session established without a client certificate"
+        ),
+    }
+    Some((stream, Transport::Tls { client }))
+}
+
 /// Reads the A-ASSOCIATE-RQ and answers A-ASSOCIATE-RJ transient, local-limit-exceeded.
-async fn refuse_busy(socket: TcpStream, peer: SocketAddr, shared: &Shared, limit: u32) {
+async fn refuse_busy<S>(socket: S, peer: SocketAddr, shared: &Shared, limit: u32)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let g = &shared.config.gateway;
-    let (rd, mut wr) = socket.into_split();
+    let (rd, mut wr) = tokio::io::split(socket);
     let mut reader = pdu::PduReader::new(rd);
     let rq = reader.next(g.artim_timeout, g.max_pdu_length).await;
     let Ok(pdu::Frame::Other(Pdu::AssociationRQ(rq))) = rq else {

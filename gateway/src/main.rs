@@ -157,6 +157,12 @@ fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
+                // The TLS files too: a missing certificate or a key readable by others would
+                // stop `run`, so ExecStartPre should catch it.
+                if let Err(e) = dicom_gateway::tls::check_config(&c) {
+                    eprintln!("error: {}: {e}", config.display());
+                    return ExitCode::FAILURE;
+                }
                 println!(
                     "{}: valid (AE {}, {} listener(s), {} modalities)",
                     config.display(),
@@ -226,19 +232,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn data_dir_of(target: &Target) -> Result<PathBuf, String> {
+/// The control socket of the gateway a client command talks to.
+fn socket_of(target: &Target) -> Result<PathBuf, String> {
     match (&target.config, &target.data_dir) {
-        (_, Some(d)) => Ok(d.clone()),
+        (_, Some(d)) => Ok(d.join("control.sock")),
         (Some(c), None) => Config::load(c)
-            .map(|c| c.gateway.data_dir)
+            .map(|c| c.gateway.control_socket)
             .map_err(|e| e.to_string()),
-        (None, None) => Ok(Config::embedded_default().gateway.data_dir),
+        (None, None) => Ok(Config::embedded_default().gateway.control_socket),
     }
 }
 
 /// Runs one control request and prints the answer with `show`.
 fn client(target: &Target, req: &Request, show: impl FnOnce(&serde_json::Value)) -> ExitCode {
-    let result = data_dir_of(target).and_then(|d| control::request(&d, req));
+    let result = socket_of(target).and_then(|d| control::request(&d, req));
     match result {
         Ok(v) => {
             show(&v);

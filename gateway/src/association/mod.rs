@@ -72,7 +72,9 @@ enum Msg {
 }
 
 /// Serves one connection to the end. Never panics on peer input; every way out is logged.
-pub async fn serve<S>(stream: S, peer: SocketAddr, shared: Shared)
+/// `transport` says whether it came over TLS and with which verified client certificate (the
+/// listener did the handshake); negotiation checks it against the registry.
+pub async fn serve<S>(stream: S, peer: SocketAddr, transport: negotiate::Transport, shared: Shared)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -104,7 +106,7 @@ where
     };
     let calling_raw = rq.calling_ae_title.trim().to_owned();
     let called_raw = rq.called_ae_title.trim().to_owned();
-    let accepted = match negotiate::negotiate(rq, peer.ip(), &shared.config) {
+    let accepted = match negotiate::negotiate(rq, peer.ip(), &transport, &shared.config) {
         Ok(a) => a,
         Err(Refusal { rj, reason }) => {
             crate::metrics::get().association_rejected(&rj.source);

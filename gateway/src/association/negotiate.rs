@@ -1,7 +1,9 @@
 //! Association negotiation (PS3.8 section 7.1): access control and presentation contexts.
 //!
-//! dicom-ul's `AccessControl` hook sees neither the peer address nor (later) the TLS
-//! certificate, so the decision is made here, with both.
+//! dicom-ul's `AccessControl` hook sees neither the peer address nor the TLS certificate, so
+//! the decision is made here, with both: the calling AE title must be registered, connect from
+//! one of its hosts, over TLS if it must (`allow_plain = false`), and with the pinned
+//! certificate if it has a pin (a certificate of one modality cannot stand in for another).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -13,8 +15,9 @@ use dicom_ul::pdu::{
     UserVariableItem,
 };
 
-use crate::config::Config;
+use crate::config::{Config, Modality};
 use crate::sop::{self, Service};
+use crate::tls::PeerCertificate;
 use crate::uid::{
     APPLICATION_CONTEXT, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, IMPLICIT_VR_LE,
 };
@@ -37,6 +40,16 @@ pub struct Accepted {
     pub peer_max_pdu: u32,
     /// One line per rejected context, for the log.
     pub rejected: Vec<String>,
+}
+
+/// How the association reached the gateway (PS3.15 Annex B: TLS under the upper layer).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    #[default]
+    Plain,
+    /// DICOM TLS; `client` is the certificate the TLS layer verified against the listener's
+    /// client CA, `None` if the listener does not require one and the peer sent none.
+    Tls { client: Option<PeerCertificate> },
 }
 
 /// A refusal, with words a field engineer can act on.
@@ -64,8 +77,13 @@ pub fn limit_refusal(limit: u32) -> Refusal {
     )
 }
 
-/// Decides on an A-ASSOCIATE-RQ from `peer`.
-pub fn negotiate(rq: AssociationRQ, peer: IpAddr, config: &Config) -> Result<Accepted, Refusal> {
+/// Decides on an A-ASSOCIATE-RQ from `peer`, arrived over `transport`.
+pub fn negotiate(
+    rq: AssociationRQ,
+    peer: IpAddr,
+    transport: &Transport,
+    config: &Config,
+) -> Result<Accepted, Refusal> {
     let calling = rq.calling_ae_title.trim().to_owned();
     let called = rq.called_ae_title.trim().to_owned();
     // PS3.8 section 9.3.2: bit 0 of the protocol version identifies version 1.
@@ -103,7 +121,7 @@ pub fn negotiate(rq: AssociationRQ, peer: IpAddr, config: &Config) -> Result<Acc
             ),
         ));
     }
-    check_calling(&calling, peer, config)?;
+    check_calling(&calling, peer, transport, config)?;
 
     let mut peer_max_pdu = dicom_ul::pdu::DEFAULT_MAX_PDU;
     for v in &rq.user_variables {
@@ -197,17 +215,20 @@ pub fn negotiate(rq: AssociationRQ, peer: IpAddr, config: &Config) -> Result<Acc
 }
 
 /// The AE-title registry check: calling AE registered and connecting from one of its hosts, or
-/// the peer in a `[dangerous] any_calling_ae_from` network.
-fn check_calling(calling: &str, peer: IpAddr, config: &Config) -> Result<(), Refusal> {
+/// the peer in a `[dangerous] any_calling_ae_from` network; then, for a registered AE (also
+/// from such a network), its transport rules ([`check_transport`]).
+fn check_calling(
+    calling: &str,
+    peer: IpAddr,
+    transport: &Transport,
+    config: &Config,
+) -> Result<(), Refusal> {
     let peer = canonical(peer);
-    if config
+    let open = config
         .dangerous
         .any_calling_ae_from
         .iter()
-        .any(|n| n.contains(&peer))
-    {
-        return Ok(());
-    }
+        .any(|n| n.contains(&peer));
     let deny = |reason: String| {
         Err(refuse(
             AssociationRJResult::Permanent,
@@ -218,14 +239,59 @@ fn check_calling(calling: &str, peer: IpAddr, config: &Config) -> Result<(), Ref
         ))
     };
     match config.modalities.iter().find(|m| m.ae_title.as_str() == calling) {
+        None if open => Ok(()),
         None => deny(format!(
             "calling AE title '{calling}' is not registered; add a [[modality]] entry for it"
         )),
-        Some(m) if !m.hosts.iter().any(|n| n.contains(&peer)) => deny(format!(
+        Some(m) if !open && !m.hosts.iter().any(|n| n.contains(&peer)) => deny(format!(
             "calling AE title '{calling}' is registered, but not for host {peer}; add {peer} to its hosts if this is the modality"
         )),
-        Some(_) => Ok(()),
+        Some(m) => check_transport(m, transport).or_else(deny),
     }
+}
+
+/// `allow_plain` and the certificate pins of a registered modality.
+fn check_transport(m: &Modality, transport: &Transport) -> Result<(), String> {
+    let ae = &m.ae_title;
+    let client = match transport {
+        Transport::Plain if m.allow_plain => return Ok(()),
+        Transport::Plain => {
+            return Err(format!(
+                "calling AE title '{ae}' must use DICOM TLS ({}) but came in over a plain DICOM port; configure TLS on the modality",
+                if m.has_pin() {
+                    "its certificate is pinned"
+                } else {
+                    "allow_plain = false"
+                }
+            ))
+        }
+        Transport::Tls { .. } if !m.has_pin() => return Ok(()),
+        Transport::Tls { client: None } => {
+            return Err(format!(
+                "calling AE title '{ae}' is pinned to a certificate, but the peer presented no client certificate"
+            ))
+        }
+        Transport::Tls { client: Some(c) } => c,
+    };
+    if let Some(want) = &m.certificate_sha256 {
+        if *want != client.sha256 {
+            return Err(format!(
+                "certificate pin mismatch: the peer presented the certificate of '{}' (SHA-256 {}), not the one pinned for calling AE title '{ae}' (certificate_sha256 {})",
+                client.subject,
+                client.fingerprint(),
+                crate::tls::hex_colon(want)
+            ));
+        }
+    }
+    if let Some(pin) = &m.certificate_subject {
+        if !client.subject.contains_all(pin) {
+            return Err(format!(
+                "certificate pin mismatch: the peer presented the certificate of '{}', but calling AE title '{ae}' requires certificate_subject '{pin}'",
+                client.subject
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// IPv4 peers on a dual-stack socket arrive as ::ffff:a.b.c.d; match them as IPv4.

@@ -109,6 +109,21 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
             Err(e) => return Err(FrameError::Io(e)),
         }
         let pdu_type = header[0];
+        // A TLS record header (content type 22 = handshake, version major 3, RFC 8446 section
+        // 5.1) where a PDU should be: a peer speaking DICOM TLS to a plain port. No PDU type 0x16 exists (PS3.8 section
+        // 9.3.1), so this never rejects DICOM; it only makes the log say what happened.
+        if pdu_type == 0x16 && header[1] == 0x03 {
+            return Err(FrameError::Malformed(
+                "TLS ClientHello on a plain DICOM port: the peer speaks DICOM TLS; send it to a TLS listener, or turn TLS off on the peer".into(),
+            ));
+        }
+        // Likewise a TLS alert (content type 21): we sent plain DICOM to a TLS port.
+        if pdu_type == 0x15 && header[1] == 0x03 {
+            return Err(FrameError::Malformed(
+                "TLS alert where a DICOM PDU was expected: the peer's port expects DICOM TLS"
+                    .into(),
+            ));
+        }
         let length = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
         let max = if pdu_type == PDU_P_DATA_TF {
             max_pdata
@@ -256,6 +271,17 @@ mod tests {
         assert!(parse_pdata(&[0, 0, 0, 0]).is_err());
         // Even presentation context ID.
         assert!(parse_pdata(&pdata_single(2, false, true, b"x")[6..]).is_err());
+    }
+
+    #[tokio::test]
+    async fn names_a_tls_client_hello_on_a_plain_port() {
+        // The first bytes of a TLS 1.2/1.3 ClientHello record.
+        let bytes = [0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc];
+        let mut r = PduReader::new(&bytes[..]);
+        match r.next(Duration::from_secs(1), 16384).await {
+            Err(FrameError::Malformed(m)) => assert!(m.contains("TLS ClientHello"), "{m}"),
+            _ => panic!("a TLS ClientHello was not recognised"),
+        }
     }
 
     #[tokio::test]

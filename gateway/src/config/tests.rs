@@ -188,3 +188,185 @@ fn bad_destinations_are_explained() {
     ));
     assert!(e.contains("used twice"), "{e}");
 }
+
+// ---- DICOM TLS (issue 4) --------------------------------------------------------------------
+
+const TLS_LISTEN: &str = r#"
+[[listen]]
+address = "0.0.0.0:2762"
+tls = { certificate = "/etc/gw/gw.crt", private_key = "/etc/gw/gw.key", client_ca = "/etc/gw/ca.crt" }
+"#;
+
+#[test]
+fn tls_listener_requires_client_certificates_by_default() {
+    let c = Config::parse(&format!("{MINIMAL}{TLS_LISTEN}"), "t").unwrap();
+    assert!(c.listen[0].tls.is_none());
+    let t = c.listen[1].tls.as_ref().unwrap();
+    assert!(t.require_client_certificate);
+    assert_eq!(t.client_ca.as_deref(), Some(Path::new("/etc/gw/ca.crt")));
+    assert_eq!(t.private_key, PathBuf::from("/etc/gw/gw.key"));
+    assert!(!c.dangerous.allow_tls_without_client_certificate);
+}
+
+#[test]
+fn tls_listener_problems_are_explained() {
+    let listen = |tls: &str| {
+        format!("{MINIMAL}\n[[listen]]\naddress = \"0.0.0.0:2762\"\ntls = {{ {tls} }}\n")
+    };
+    // No client CA while client certificates are required.
+    let e = invalid(&listen(
+        "certificate = \"/a.crt\", private_key = \"/a.key\"",
+    ));
+    assert!(
+        e.contains("listen[1].tls.client_ca") && e.contains("is missing"),
+        "{e}"
+    );
+    // Optional client certificates only with the [dangerous] switch.
+    let optional = listen(
+        "certificate = \"/a.crt\", private_key = \"/a.key\", require_client_certificate = false",
+    );
+    let e = invalid(&optional);
+    assert!(
+        e.contains("listen[1].tls.require_client_certificate")
+            && e.contains("allow_tls_without_client_certificate"),
+        "{e}"
+    );
+    let c = Config::parse(
+        &format!("{optional}\n[dangerous]\nallow_tls_without_client_certificate = true\n"),
+        "t",
+    )
+    .unwrap();
+    let t = c.listen[1].tls.as_ref().unwrap();
+    assert!(!t.require_client_certificate && t.client_ca.is_none());
+    // Relative paths, missing keys, unknown keys, port 0.
+    let e = invalid(&listen(
+        "certificate = \"gw.crt\", private_key = \"/a.key\", client_ca = \"/ca\"",
+    ));
+    assert!(
+        e.contains("listen[1].tls.certificate") && e.contains("absolute"),
+        "{e}"
+    );
+    let e = invalid(&listen("certificate = \"/a.crt\", client_ca = \"/ca\""));
+    assert!(e.contains("private_key"), "{e}");
+    let e = invalid(&listen(
+        "certificate = \"/a.crt\", private_key = \"/a.key\", client_ca = \"/ca\", ciphers = \"ALL\"",
+    ));
+    assert!(e.contains("ciphers"), "{e}");
+    let e = invalid(&format!(
+        "{MINIMAL}\n[[listen]]\naddress = \"0.0.0.0:0\"\ntls = {{ certificate = \"/a\", private_key = \"/b\", client_ca = \"/c\" }}\n"
+    ));
+    assert!(e.contains("fixed port"), "{e}");
+}
+
+#[test]
+fn modality_pins_and_allow_plain() {
+    let fp = vec!["a1"; 32].join(":");
+    let c = Config::parse(
+        &format!(
+            "{MINIMAL}\n[[modality]]\nae_title = \"A\"\nhosts = [\"10.0.0.1\"]\ncertificate_sha256 = \"{fp}\"\n\
+             [[modality]]\nae_title = \"B\"\nhosts = [\"10.0.0.2\"]\ncertificate_subject = \"CN = B, O = Hospital\"\n\
+             [[modality]]\nae_title = \"C\"\nhosts = [\"10.0.0.3\"]\nallow_plain = false\n\
+             [[modality]]\nae_title = \"D\"\nhosts = [\"10.0.0.4\"]\n"
+        ),
+        "t",
+    )
+    .unwrap();
+    let m = &c.modalities;
+    assert_eq!(m[0].certificate_sha256, Some([0xA1; 32]));
+    assert!(!m[0].allow_plain && m[0].has_pin());
+    assert_eq!(
+        m[1].certificate_subject
+            .as_ref()
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("CN=B, O=Hospital")
+    );
+    assert!(!m[1].allow_plain);
+    assert!(!m[2].allow_plain && !m[2].has_pin());
+    assert!(m[3].allow_plain && !m[3].has_pin());
+
+    let modality = |extra: &str| {
+        format!("{MINIMAL}\n[[modality]]\nae_title = \"A\"\nhosts = [\"10.0.0.1\"]\n{extra}\n")
+    };
+    let e = invalid(&modality(
+        "certificate_subject = \"CN=A\"\nallow_plain = true",
+    ));
+    assert!(
+        e.contains("modality[0].allow_plain") && e.contains("pin"),
+        "{e}"
+    );
+    let e = invalid(&modality("certificate_sha256 = \"12:34\""));
+    assert!(
+        e.contains("modality[0].certificate_sha256") && e.contains("64 hex"),
+        "{e}"
+    );
+    let e = invalid(&modality("certificate_subject = \"just a name\""));
+    assert!(
+        e.contains("modality[0].certificate_subject") && e.contains("TYPE=VALUE"),
+        "{e}"
+    );
+}
+
+#[test]
+fn destination_tls_defaults_and_problems() {
+    let dest = |address: &str, tls: &str| {
+        format!("{MINIMAL}\n[[destination]]\nname = \"p\"\nae_title = \"P\"\naddress = \"{address}\"\n{tls}\n")
+    };
+    let c = Config::parse(&dest("pacs.example.org:2762", "[destination.tls]"), "t").unwrap();
+    let t = c.destinations[0].tls.as_ref().unwrap();
+    assert_eq!(t.server_name, "pacs.example.org");
+    assert_eq!(t.ca, None);
+    assert_eq!(
+        (t.certificate.as_ref(), t.private_key.as_ref()),
+        (None, None)
+    );
+    let c = Config::parse(&dest("[::1]:2762", "tls = { ca = \"/ca.pem\" }"), "t").unwrap();
+    let t = c.destinations[0].tls.as_ref().unwrap();
+    assert_eq!(t.server_name, "::1");
+    assert_eq!(t.ca.as_deref(), Some(Path::new("/ca.pem")));
+    let c = Config::parse(
+        &dest(
+            "10.0.0.9:2762",
+            "tls = { server_name = \"pacs.example.org\", certificate = \"/c.crt\", private_key = \"/c.key\" }",
+        ),
+        "t",
+    )
+    .unwrap();
+    let t = c.destinations[0].tls.as_ref().unwrap();
+    assert_eq!(t.server_name, "pacs.example.org");
+    assert_eq!(t.private_key.as_deref(), Some(Path::new("/c.key")));
+    assert!(c.destinations[0].tls.is_some());
+    // No tls: plain.
+    let c = Config::parse(&dest("h:104", ""), "t").unwrap();
+    assert!(c.destinations[0].tls.is_none());
+
+    let e = invalid(&dest("h:1", "tls = { certificate = \"/c.crt\" }"));
+    assert!(
+        e.contains("destination[0].tls.certificate") && e.contains("both"),
+        "{e}"
+    );
+    let e = invalid(&dest("h:1", "tls = { server_name = \"bad name!\" }"));
+    assert!(e.contains("destination[0].tls.server_name"), "{e}");
+    let e = invalid(&dest("h:1", "tls = { ca = \"ca.pem\" }"));
+    assert!(
+        e.contains("destination[0].tls.ca") && e.contains("absolute"),
+        "{e}"
+    );
+}
+
+/// The example file documents the TLS keys with values that parse.
+#[test]
+fn example_file_shows_tls_on_both_sides() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/gateway.example.toml"
+    );
+    let c = Config::load(Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c
+        .listen
+        .iter()
+        .any(|l| l.tls.as_ref().is_some_and(|t| t.require_client_certificate)));
+    assert!(c.modalities.iter().any(Modality::has_pin));
+    assert!(c.destinations.iter().any(|d| d.tls.is_some()));
+    assert!(!c.dangerous.allow_tls_without_client_certificate);
+}

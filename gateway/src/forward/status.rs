@@ -51,6 +51,9 @@ pub fn classify_status(status: u16) -> Disposition {
 /// Classifies an error of [`super::upstream`].
 ///
 /// - Resolve, Connect, ConnectionLost, Timeout, Aborted: the network or the PACS is unwell now.
+/// - Tls: retried like a link outage (DESIGN.md section 3), but its text says what is wrong
+///   (expired, unknown issuer, name mismatch); a certificate problem needs a person, so it is
+///   also a configuration error ([`is_configuration_error`]).
 /// - Protocol: a PACS answering garbage is usually a PACS in trouble (restarting, overloaded);
 ///   retrying is harmless (a duplicate C-STORE is answered Success), and `give_up_after`
 ///   bounds it.
@@ -67,6 +70,7 @@ pub fn classify_error(e: &UpstreamError) -> Disposition {
     match e {
         UpstreamError::Resolve { .. }
         | UpstreamError::Connect { .. }
+        | UpstreamError::Tls { .. }
         | UpstreamError::ConnectionLost { .. }
         | UpstreamError::Timeout { .. }
         | UpstreamError::Aborted { .. }
@@ -80,9 +84,18 @@ pub fn classify_error(e: &UpstreamError) -> Disposition {
 }
 
 /// Whether the error needs a person to change a configuration (ours or the PACS's): a
-/// permanent A-ASSOCIATE-RJ. The forwarder then retries at its slowest pace and says so.
+/// permanent A-ASSOCIATE-RJ, or a certificate problem (a PACS certificate that expired, is
+/// issued by an unknown CA or names another host; our client certificate refused; unreadable
+/// TLS files). The forwarder then retries at its slowest pace and says so.
 pub fn is_configuration_error(e: &UpstreamError) -> bool {
-    matches!(e, UpstreamError::Rejected { rj, .. } if rj.result == AssociationRJResult::Permanent)
+    match e {
+        UpstreamError::Rejected { rj, .. } => rj.result == AssociationRJResult::Permanent,
+        UpstreamError::Tls {
+            certificate_problem,
+            ..
+        } => *certificate_problem,
+        _ => false,
+    }
 }
 
 /// "PACS answered A700 (Refused: Out of Resources): disk full", for the queue and logs.
@@ -259,5 +272,29 @@ mod tests {
             nix::errno::Errno::EMFILE as i32,
         ));
         assert_eq!(classify_error(&no_fds), Disposition::Retry);
+    }
+
+    #[test]
+    fn tls_failures_are_retried_and_say_what_is_wrong() {
+        let expired = UpstreamError::Tls {
+            peer: peer(),
+            reason: "PACS certificate expired on 2024-01-01 00:00:00 UTC".into(),
+            certificate_problem: true,
+        };
+        assert_eq!(classify_error(&expired), Disposition::Retry);
+        assert!(is_configuration_error(&expired));
+        assert!(expired.is_connection_level());
+        assert_eq!(
+            expired.to_string(),
+            "TLS with PACS central (10.0.0.5:104, AE PACS) failed: PACS certificate expired on \
+             2024-01-01 00:00:00 UTC"
+        );
+        let hiccup = UpstreamError::Tls {
+            peer: peer(),
+            reason: "the PACS closed the connection during the TLS handshake".into(),
+            certificate_problem: false,
+        };
+        assert_eq!(classify_error(&hiccup), Disposition::Retry);
+        assert!(!is_configuration_error(&hiccup));
     }
 }

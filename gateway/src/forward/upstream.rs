@@ -10,8 +10,16 @@
 //! cancelled write: a truncated instance marked complete), through `block_in_place` (a panic on
 //! a current-thread runtime) and without a timeout.
 //!
+//! DICOM TLS (PS3.15 Annex B, profile in [`crate::tls`]): with `destination.tls` the TCP
+//! connection is wrapped in TLS before the A-ASSOCIATE-RQ: the PACS certificate is verified
+//! against `tls.ca` (or the system trust store) and `tls.server_name`, and a client certificate
+//! is presented if configured. A failed handshake is [`UpstreamError::Tls`], with the reason
+//! (expired, unknown issuer, name mismatch, refused client certificate) rather than a network
+//! error.
+//!
 //! Bounds:
-//! - name resolution, TCP connect and negotiation share one deadline, `connect_timeout`;
+//! - name resolution, TCP connect, TLS handshake and negotiation share one deadline,
+//!   `connect_timeout`;
 //! - every PDU write and every wait for a response is limited by `dimse_timeout`;
 //! - a dataset is read from the file straight into PDU-framed buffers of about [`BATCH_BYTES`];
 //!   nothing else of it is held in memory;
@@ -37,16 +45,19 @@ use dicom_ul::pdu::{
     PresentationContextProposed, PresentationContextResultReason, UserVariableItem,
 };
 use snafu::Snafu;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::association::dimse::{self, Command, C_ECHO_RQ, C_STORE_RQ, RESPONSE_BIT};
 use crate::association::pdu::{self, Frame, FrameError, PduReader};
-use crate::config::{AeTitle, Destination};
+use crate::config::{AeTitle, Destination, DestinationTls};
 use crate::sop;
 use crate::store::spool::{self, FileMeta};
+use crate::tls;
 use crate::uid::{self, APPLICATION_CONTEXT, IMPLICIT_VR_LE, VERIFICATION};
 
 /// Explicit VR Little Endian (PS3.5 section A.2).
@@ -130,6 +141,7 @@ impl fmt::Display for Peer {
 pub enum Step {
     Resolve,
     Connect,
+    TlsHandshake,
     Negotiate,
     SendCommand,
     SendData,
@@ -142,6 +154,7 @@ impl fmt::Display for Step {
         f.write_str(match self {
             Step::Resolve => "resolving its address",
             Step::Connect => "connecting",
+            Step::TlsHandshake => "performing the TLS handshake",
             Step::Negotiate => "negotiating the association",
             Step::SendCommand => "sending a request",
             Step::SendData => "sending the data set",
@@ -160,6 +173,15 @@ pub enum UpstreamError {
         peer: Arc<Peer>,
         addr: Option<SocketAddr>,
         source: io::Error,
+    },
+    #[snafu(display("TLS with {peer} failed: {reason}"))]
+    Tls {
+        peer: Arc<Peer>,
+        /// What went wrong, in words for the status (from [`tls::explain`]).
+        reason: String,
+        /// A certificate or TLS file must be fixed by someone (expired, unknown issuer, name
+        /// mismatch, refused client certificate, unreadable file), rather than a passing fault.
+        certificate_problem: bool,
     },
     #[snafu(display("{peer} rejected the association {}: {} (source: {}) — {}", rj_result(&rj.result), rj_reason(&rj.source), rj_source(&rj.source), rj_hint(rj, peer)))]
     Rejected { peer: Arc<Peer>, rj: AssociationRJ },
@@ -229,6 +251,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Resolve { peer, .. }
             | UpstreamError::Connect { peer, .. }
+            | UpstreamError::Tls { peer, .. }
             | UpstreamError::Rejected { peer, .. }
             | UpstreamError::Aborted { peer, .. }
             | UpstreamError::ConnectionLost { peer, .. }
@@ -275,6 +298,7 @@ fn timeout_hint(step: Step) -> &'static str {
     match step {
         Step::Resolve => "DNS did not answer in time (destination.connect_timeout_secs)",
         Step::Connect => "no answer to the TCP connection request: the host is down or a firewall drops it (destination.connect_timeout_secs)",
+        Step::TlsHandshake => "the port accepted the connection but the TLS handshake did not finish: is it a DICOM TLS port? (destination.connect_timeout_secs)",
         Step::Negotiate => "the port accepted the connection but nothing answered the A-ASSOCIATE-RQ: is it a DICOM port, and is the PACS overloaded? (destination.connect_timeout_secs)",
         Step::SendCommand | Step::SendData => "the PACS stopped reading: overloaded or stalled (destination.dimse_timeout_secs)",
         Step::AwaitResponse => "the PACS is overloaded or slow to store; raise destination.dimse_timeout_secs if it is merely slow",
@@ -429,6 +453,16 @@ fn frame_error(peer: &Arc<Peer>, step: Step, e: FrameError, limit: Duration) -> 
             step,
             detail: "the PACS closed the connection".into(),
         },
+        // With TLS 1.3 the PACS judges our client certificate after our side of the handshake
+        // is done: its refusal arrives as an alert on the first read (PS3.8 negotiation).
+        FrameError::Io(e) if tls::is_tls_error(&e) => {
+            let f = tls::explain(&e, tls::Side::Upstream);
+            UpstreamError::Tls {
+                peer,
+                reason: f.reason,
+                certificate_problem: f.certificate_problem,
+            }
+        }
         FrameError::Io(e) => UpstreamError::ConnectionLost {
             peer,
             step,
@@ -470,8 +504,8 @@ fn protocol(peer: &Arc<Peer>, step: Step, detail: impl Into<String>) -> Upstream
 /// One open association with a PACS.
 pub struct Upstream {
     peer: Arc<Peer>,
-    reader: PduReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: PduReader<ReadHalf<Link>>,
+    writer: WriteHalf<Link>,
     contexts: Vec<ProposedContext>,
     /// Largest PDU-length sent: the PACS's maximum, capped at [`SEND_PDU_CAP`]; at least
     /// [`MIN_PEER_PDU`].
@@ -503,7 +537,13 @@ impl Upstream {
         let deadline = Instant::now() + limit;
         let left = || deadline.saturating_duration_since(Instant::now());
         let stream = open(&peer, deadline, limit).await?;
-        let (rd, mut wr) = stream.into_split();
+        let link = match &dest.tls {
+            None => Link::Plain(stream),
+            Some(t) => Link::Tls(Box::new(
+                start_tls(&peer, t, stream, deadline, limit).await?,
+            )),
+        };
+        let (rd, mut wr) = tokio::io::split(link);
         let mut reader = PduReader::new(rd);
         let mut contexts = propose(offers);
         let rq = Pdu::AssociationRQ(AssociationRQ {
@@ -1001,8 +1041,100 @@ async fn open(
     })
 }
 
+/// The connection to a PACS: plain TCP, or DICOM TLS over it.
+enum Link {
+    Plain(TcpStream),
+    /// Boxed: a TLS connection state is a few KiB.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Link {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Link::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Link::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Link {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Link::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Link::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Link::Plain(s) => Pin::new(s).poll_flush(cx),
+            Link::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    /// For TLS this sends close_notify first (RFC 8446 section 6.1).
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Link::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Link::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The TLS handshake with the PACS, before `deadline`. The TLS files are read for every
+/// connection (off the runtime), so rotated files apply to the next association.
+async fn start_tls(
+    peer: &Arc<Peer>,
+    cfg: &DestinationTls,
+    tcp: TcpStream,
+    deadline: Instant,
+    limit: Duration,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
+    let tls_error = |reason: String, certificate_problem: bool| UpstreamError::Tls {
+        peer: peer.clone(),
+        reason,
+        certificate_problem,
+    };
+    let files = cfg.clone();
+    let config = tokio::task::spawn_blocking(move || tls::client_config(&files))
+        .await
+        .map_err(|e| tls_error(format!("TLS set-up task failed: {e}"), false))?
+        .map_err(|e| tls_error(format!("cannot use the TLS files: {e}"), true))?;
+    // Validated with the configuration; checked again rather than trusted.
+    let name = tls::server_name(&cfg.server_name).ok_or_else(|| {
+        tls_error(
+            format!(
+                "'{}' is not a valid TLS server name (destination.tls.server_name)",
+                cfg.server_name
+            ),
+            true,
+        )
+    })?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    match tokio::time::timeout_at(deadline, connector.connect(name, tcp)).await {
+        Err(_) => Err(UpstreamError::Timeout {
+            peer: peer.clone(),
+            step: Step::TlsHandshake,
+            after: limit,
+        }),
+        Ok(Err(e)) => {
+            let f = tls::explain(&e, tls::Side::Upstream);
+            Err(tls_error(f.reason, f.certificate_problem))
+        }
+        Ok(Ok(s)) => Ok(s),
+    }
+}
+
 /// Sends A-ABORT (PS3.8 section 9.3.8), best effort, and closes our side.
-async fn abort(wr: &mut OwnedWriteHalf, source: AbortRQSource, limit: Duration) {
+async fn abort<W: AsyncWrite + Unpin>(wr: &mut W, source: AbortRQSource, limit: Duration) {
     let _ = pdu::send(wr, &Pdu::AbortRQ { source }, limit).await;
     let _ = tokio::time::timeout(limit, wr.shutdown()).await;
 }
