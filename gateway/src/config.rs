@@ -34,6 +34,7 @@ address = "127.0.0.1:11112"
 
 [dangerous]
 any_calling_ae_from = ["127.0.0.0/8", "::1/128"]
+allow_root = true
 "#;
 
 /// Where an error was found, for messages that name the file.
@@ -128,6 +129,8 @@ pub struct GatewaySettings {
     pub min_free_disk_bytes: u64,
     /// The CLI's Unix socket to the daemon (mode 0660: owner and group).
     pub control_socket: PathBuf,
+    /// When started as root: the user to switch to once the listeners are bound.
+    pub run_as: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -262,6 +265,8 @@ pub struct Dangerous {
     pub any_calling_ae_from: Vec<IpNet>,
     /// Allows `require_client_certificate = false` on TLS listeners.
     pub allow_tls_without_client_certificate: bool,
+    /// Allows running as root without `gateway.run_as`.
+    pub allow_root: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -380,6 +385,8 @@ struct RawGateway {
     min_free_disk_mb: Option<u64>,
     /// Default: <data_dir>/control.sock.
     control_socket: Option<PathBuf>,
+    /// Default: none.
+    run_as: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -419,6 +426,9 @@ struct RawDangerous {
     /// Default: false.
     #[serde(default)]
     allow_tls_without_client_certificate: bool,
+    /// Default: false.
+    #[serde(default)]
+    allow_root: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -608,6 +618,7 @@ impl Validator<'_> {
                 .unwrap_or(DEFAULT_MIN_FREE_DISK_MB)
                 .saturating_mul(1024 * 1024),
             control_socket,
+            run_as: g.run_as.clone().filter(|u| !u.is_empty()),
         };
 
         if raw.listen.is_empty() {
@@ -754,6 +765,7 @@ impl Validator<'_> {
             allow_tls_without_client_certificate: raw
                 .dangerous
                 .allow_tls_without_client_certificate,
+            allow_root: raw.dangerous.allow_root,
         };
 
         let level = match raw.log.level {

@@ -31,6 +31,7 @@ pub mod listener;
 pub mod live;
 pub mod logging;
 pub mod metrics;
+pub mod privilege;
 pub mod sop;
 pub mod store;
 pub mod systemd;
@@ -60,6 +61,8 @@ pub enum RunError {
     },
     #[snafu(display("store task failed: {message}"))]
     Join { message: String },
+    #[snafu(display("{message}"))]
+    Privilege { message: String },
     #[snafu(display("the index failed and the gateway stopped: {message}"))]
     IndexClose { message: String },
     #[snafu(display("{source}"))]

@@ -439,6 +439,13 @@ fn run(config_path: Option<PathBuf>) -> ExitCode {
     };
     let result = rt.block_on(async move {
         let listeners = dicom_gateway::bind(&config).await?;
+        let who = dicom_gateway::privilege::drop_or_refuse(
+            config.gateway.run_as.as_deref(),
+            config.dangerous.allow_root,
+            &config.gateway.data_dir,
+        )
+        .map_err(|message| dicom_gateway::RunError::Privilege { message })?;
+        log::info!("{who}");
         let shutdown = CancellationToken::new();
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(stop_on_signal(shutdown.clone()));

@@ -333,3 +333,51 @@ fn metrics_move_with_traffic() {
     assert!(metric(&text, "dicom_gateway_disk_free_bytes") > 0.0);
     gw.stop();
 }
+
+/// Started as root with `run_as`, the daemon binds and then runs as that user; started as root
+/// without it (and without `allow_root`), it refuses with the fix in the message.
+#[test]
+fn root_switches_to_run_as_or_refuses() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED: needs root to test the privilege drop");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody");
+    let mut gw = Gateway::start(GatewayConfig {
+        run_as: Some("nobody".into()),
+        ..GatewayConfig::default()
+    });
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid().unwrap())).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    let uids: Vec<u32> = uid_line
+        .split_whitespace()
+        .skip(1)
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert!(uids.iter().all(|u| *u == nobody.uid.as_raw()), "{uid_line}");
+    let files = ct_series(&gw.scratch("ct"), "ct", 2, 32, 32);
+    gw.storescu().files(&files).run().assert_success();
+    assert!(
+        gw.logs().contains("switched to user nobody"),
+        "{}",
+        gw.logs()
+    );
+    gw.stop();
+    assert_eq!(gw.instances().len(), 2);
+
+    // Root without run_as and without allow_root: refused, with the fix named.
+    let text = std::fs::read_to_string(gw.config_path()).unwrap();
+    let text = text
+        .replace("run_as = \"nobody\"\n", "")
+        .replace("allow_root = true", "allow_root = false");
+    std::fs::write(gw.config_path(), text).unwrap();
+    let out = gateway_cli(["run", "--config", gw.config_path().to_str().unwrap()]);
+    out.assert_failure();
+    assert!(
+        out.text().contains("refusing to run as root") && out.text().contains("run_as"),
+        "{}",
+        out.describe()
+    );
+}

@@ -173,7 +173,8 @@ fn minimal_config(dir: &Path, listen: &str) -> PathBuf {
         format!(
             "[gateway]\nae_title = \"DICOM_GW\"\ndata_dir = \"{}\"\n\n\
              [[listen]]\naddress = \"{listen}\"\n\n\
-             [[modality]]\nae_title = \"CT01\"\nhosts = [\"10.20.0.2\"]\n",
+             [[modality]]\nae_title = \"CT01\"\nhosts = [\"10.20.0.2\"]\n\n\
+             [dangerous]\nallow_root = true\n",
             dir.join("data").display()
         ),
     )

@@ -40,6 +40,8 @@ pub struct GatewayConfig {
     /// `[metrics] address`; empty (the test default) disables the endpoint, so parallel
     /// tests do not compete for one port.
     pub metrics_address: String,
+    /// `gateway.run_as`: the user a root-started daemon switches to.
+    pub run_as: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -62,6 +64,7 @@ impl Default for GatewayConfig {
             ],
             any_calling_ae_from: Vec::new(),
             metrics_address: String::new(),
+            run_as: None,
         }
     }
 }
@@ -99,6 +102,9 @@ impl GatewayConfig {
         opt(&mut t, "idle_timeout_secs", self.idle_timeout_secs);
         opt(&mut t, "dimse_timeout_secs", self.dimse_timeout_secs);
         let _ = writeln!(t, "min_free_disk_mb = {}", self.min_free_disk_mb);
+        if let Some(u) = &self.run_as {
+            let _ = writeln!(t, "run_as = {}", toml_str(u));
+        }
         let _ = writeln!(t, "\n[[listen]]\naddress = \"127.0.0.1:{port}\"");
         for m in &self.modalities {
             let _ = writeln!(
@@ -115,7 +121,8 @@ impl GatewayConfig {
         );
         let _ = writeln!(
             t,
-            "\n[dangerous]\nany_calling_ae_from = {}",
+            // The suite runs as root (CI); the daemon refuses root unless told.
+            "\n[dangerous]\nany_calling_ae_from = {}\nallow_root = true",
             toml_list(&self.any_calling_ae_from)
         );
         t

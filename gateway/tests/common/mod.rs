@@ -220,6 +220,15 @@ impl Gateway {
         let sock_path = self.dir.path().join("notify.sock");
         let _ = std::fs::remove_file(&sock_path);
         let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+        if self.config.run_as.is_some() {
+            // A daemon that switches to an unprivileged user must still reach its data dir
+            // and notify socket, as with systemd's StateDirectory= and NOTIFY_SOCKET.
+            use std::os::unix::fs::PermissionsExt;
+            let open =
+                |p: &Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode));
+            open(self.dir.path(), 0o755).expect("chmod temp dir");
+            open(&sock_path, 0o777).expect("chmod notify socket");
+        }
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .expect("socket timeout");
 
