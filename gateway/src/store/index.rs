@@ -367,16 +367,20 @@ impl IndexHandle {
     /// Queues a commit; the answer comes once the commit holding it is durable.
     pub async fn commit(&self, pending: Pending) -> IndexResult<CommitOutcome> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        let tx = self.tx.clone();
-        // The channel is bounded: when the index thread falls behind, this waits (off the
-        // runtime) and the association stops reading, which is the backpressure we want.
-        tokio::task::spawn_blocking(move || {
-            tx.send(Request::Commit(Box::new(pending), reply))
-                .map_err(|_| ())
-        })
-        .await
-        .map_err(|e| format!("index queue task failed: {e}"))?
-        .map_err(|_| "the index has stopped after an earlier failure".to_owned())?;
+        let stopped = || "the index has stopped after an earlier failure".to_owned();
+        match self.tx.try_send(Request::Commit(Box::new(pending), reply)) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(stopped()),
+            Err(mpsc::TrySendError::Full(request)) => {
+                // The channel is bounded: when the index thread falls behind, this waits (off
+                // the runtime) and the association stops reading: the backpressure we want.
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || tx.send(request).map_err(|_| ()))
+                    .await
+                    .map_err(|e| format!("index queue task failed: {e}"))?
+                    .map_err(|()| stopped())?;
+            }
+        }
         rx.await
             .map_err(|_| "the index has stopped after an earlier failure".to_owned())?
     }
