@@ -1,7 +1,7 @@
 //! The `dicom-gateway` binary: argument parsing, config, logging and the runtime around
 //! [`dicom_gateway::run`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -105,7 +105,8 @@ enum Command {
 /// Which gateway a client command talks to.
 #[derive(clap::Args, Clone)]
 struct Target {
-    /// Config file naming the data directory (default: the embedded default's).
+    /// Config file naming the control socket (default: /etc/dicom-gateway/gateway.toml if it
+    /// exists, else the embedded default's).
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Data directory, instead of --config.
@@ -239,9 +240,19 @@ fn socket_of(target: &Target) -> Result<PathBuf, String> {
         (Some(c), None) => Config::load(c)
             .map(|c| c.gateway.control_socket)
             .map_err(|e| e.to_string()),
+        // On the appliance the installed config names the socket; elsewhere, the embedded
+        // default's (./gateway-data/control.sock).
+        (None, None) if Path::new(INSTALLED_CONFIG).exists() => {
+            Config::load(Path::new(INSTALLED_CONFIG))
+                .map(|c| c.gateway.control_socket)
+                .map_err(|e| e.to_string())
+        }
         (None, None) => Ok(Config::embedded_default().gateway.control_socket),
     }
 }
+
+/// Where the appliance keeps its configuration (the systemd unit's --config).
+const INSTALLED_CONFIG: &str = "/etc/dicom-gateway/gateway.toml";
 
 /// Runs one control request and prints the answer with `show`.
 fn client(target: &Target, req: &Request, show: impl FnOnce(&serde_json::Value)) -> ExitCode {
