@@ -114,6 +114,7 @@ pub async fn run(
     let background_stop = CancellationToken::new();
     let evictor = tokio::spawn(evict_loop(
         store.db().clone(),
+        store.spool_lock().clone(),
         live_config.clone(),
         background_stop.clone(),
     ));
@@ -402,16 +403,22 @@ async fn reload(
 /// How often the cache is checked for eviction.
 const EVICT_EVERY: Duration = Duration::from_secs(10);
 
-async fn evict_loop(db: Arc<redb::Database>, config: Live<Config>, stop: CancellationToken) {
+async fn evict_loop(
+    db: Arc<redb::Database>,
+    spool_lock: store::index::SpoolLock,
+    config: Live<Config>,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(EVICT_EVERY) => {}
         }
-        let (db, cfg) = (db.clone(), config.get());
+        let (db, lock, cfg) = (db.clone(), spool_lock.clone(), config.get());
         let r = tokio::task::spawn_blocking(move || {
             store::evict::run_once(
                 &db,
+                &lock,
                 &cfg.gateway.data_dir,
                 &cfg.cache,
                 cfg.gateway.min_free_disk_bytes,

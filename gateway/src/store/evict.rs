@@ -5,15 +5,20 @@
 //! destination (configured now or in the past) is never evicted; a study with such an instance
 //! is skipped whole. The check and the deletion happen in one write transaction.
 //!
-//! Files are deleted after the commit. A crash in between leaves files without rows, which the
-//! next start re-indexes (and queues again): a duplicate delivery at worst, never a loss.
+//! Files are deleted after the commit, under the [`SpoolLock`], and only if no committed row
+//! names them by then: an identical instance received again meanwhile has the same file name
+//! (content hash) and keeps its file. A crash between commit and deletion leaves files without
+//! rows, which the next start re-indexes (and queues again): a duplicate delivery at worst,
+//! never a loss.
 
 use std::collections::HashSet;
 use std::path::Path;
 
 use redb::Database;
 
-use super::index::{self, IndexResult};
+use super::index::{self, IndexResult, SpoolLock};
+#[cfg(test)]
+use super::CommitOutcome;
 use super::{now_ms, queue, spool};
 use crate::config::Cache;
 
@@ -44,6 +49,7 @@ pub struct Evicted {
 /// below twice that, so that ingest can resume.
 pub fn run_once(
     db: &Database,
+    spool_lock: &SpoolLock,
     data_dir: &Path,
     cache: &Cache,
     min_free: u64,
@@ -90,7 +96,7 @@ pub fn run_once(
             if !seen_studies.insert(study.clone()) {
                 continue;
             }
-            match evict_study(db, data_dir, &study, &dests)? {
+            match evict_study(db, spool_lock, data_dir, &study, &dests)? {
                 Some((n, bytes)) => {
                     done.studies += 1;
                     done.instances += n;
@@ -111,10 +117,25 @@ pub fn run_once(
 /// or `None` if the study is held.
 fn evict_study(
     db: &Database,
+    spool_lock: &SpoolLock,
     data_dir: &Path,
     study: &str,
     dests: &[String],
 ) -> IndexResult<Option<(u64, u64)>> {
+    let Some(records) = remove_rows(db, study, dests)? else {
+        return Ok(None);
+    };
+    let bytes = delete_files(db, spool_lock, data_dir, &records)?;
+    Ok(Some((records.len() as u64, bytes)))
+}
+
+/// Removes the rows of a study in one committed transaction, unless an instance of it has an
+/// open queue entry (then `None`, nothing changed).
+fn remove_rows(
+    db: &Database,
+    study: &str,
+    dests: &[String],
+) -> IndexResult<Option<Vec<index::InstanceRecord>>> {
     let sops = index::study_instances(db, study)?;
     let txn = db.begin_write().map_err(|e| e.to_string())?;
     let mut records = Vec::new();
@@ -132,11 +153,75 @@ fn evict_study(
         queue::remove_delivered(&txn, &r.sop_instance_uid, dests)?;
     }
     txn.commit().map_err(|e| e.to_string())?;
+    Ok(Some(records))
+}
+
+/// Deletes the files of removed rows that no committed row names (again); returns the bytes
+/// freed.
+fn delete_files(
+    db: &Database,
+    spool_lock: &SpoolLock,
+    data_dir: &Path,
+    records: &[index::InstanceRecord],
+) -> IndexResult<u64> {
     let mut bytes = 0;
-    for r in &records {
+    let _placing = spool_lock
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for r in records {
+        if index::has_file(db, &r.checksum)? {
+            // Received again (same bytes) since the rows were removed: the file is live.
+            continue;
+        }
         let path = data_dir.join(spool::relative_path(&r.checksum));
         bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
         let _ = std::fs::remove_file(&path);
     }
-    Ok(Some((records.len() as u64, bytes)))
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::{dataset, incoming, open};
+
+    /// The race the spool lock closes: eviction removes the rows of a study, the same bytes
+    /// arrive again and are acknowledged (same content-hash file name), then eviction reaches
+    /// its deletions. The re-sent instance must keep its file.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_file_received_again_during_eviction_is_not_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, rt, _) = open(dir.path(), &[]);
+        for sop in ["1.9.1", "1.9.2"] {
+            let mut i = store.begin(incoming(sop)).unwrap();
+            i.write(&dataset(sop)).unwrap();
+            assert_eq!(i.finish().await.unwrap().outcome, CommitOutcome::Stored);
+        }
+        let records = remove_rows(store.db(), "1.2.3.4", &[]).unwrap().unwrap();
+        assert_eq!(records.len(), 2);
+        let mut i = store.begin(incoming("1.9.1")).unwrap();
+        i.write(&dataset("1.9.1")).unwrap();
+        assert_eq!(i.finish().await.unwrap().outcome, CommitOutcome::Stored);
+
+        let freed = delete_files(store.db(), store.spool_lock(), dir.path(), &records).unwrap();
+        let path = |sop: &str| {
+            let r = records.iter().find(|r| r.sop_instance_uid == sop).unwrap();
+            dir.path().join(spool::relative_path(&r.checksum))
+        };
+        assert!(
+            path("1.9.1").exists(),
+            "acknowledged instance lost its file"
+        );
+        assert!(!path("1.9.2").exists(), "evicted file left behind");
+        assert_eq!(freed, std::fs::metadata(path("1.9.1")).unwrap().len());
+        let (_, _, hash, _) = spool::hash_dataset(&path("1.9.1")).unwrap();
+        assert_eq!(
+            Some(hash),
+            index::get(store.db().as_ref(), "1.9.1")
+                .unwrap()
+                .map(|r| r.checksum)
+        );
+        drop(store);
+        rt.close().unwrap();
+    }
 }

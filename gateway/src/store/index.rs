@@ -82,6 +82,16 @@ pub struct Pending {
     pub high_priority: bool,
 }
 
+/// Orders the placing of spool files against their deletion by eviction.
+///
+/// Spool files are named after their content, so a re-sent identical instance gets the name of
+/// an older file that eviction may be deleting at that moment. The index thread holds this lock
+/// from the first rename of a batch until the batch's commit is durable; eviction holds it while
+/// it checks that no committed row names a file and deletes it. Without it, eviction could
+/// delete the file of an instance just acknowledged (its rename landing between eviction's
+/// commit and its unlink).
+pub type SpoolLock = Arc<std::sync::Mutex<()>>;
+
 /// Called after a commit with each destination that got new work.
 pub type Wake = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -390,6 +400,8 @@ impl IndexHandle {
 pub struct IndexThread {
     db: Arc<Database>,
     data_dir: PathBuf,
+    /// Held from the first rename of a batch until its commit is durable; see [`SpoolLock`].
+    spool_lock: SpoolLock,
     rx: mpsc::Receiver<Request>,
     wake: Wake,
     /// Unix ms of the thread's last turn; the watchdog checks it is recent.
@@ -397,13 +409,19 @@ pub struct IndexThread {
 }
 
 impl IndexThread {
-    pub fn new(db: Arc<Database>, data_dir: PathBuf, wake: Wake) -> (IndexThread, IndexHandle) {
+    pub fn new(
+        db: Arc<Database>,
+        data_dir: PathBuf,
+        spool_lock: SpoolLock,
+        wake: Wake,
+    ) -> (IndexThread, IndexHandle) {
         let (tx, rx) = mpsc::sync_channel(MAX_BATCH);
         let heartbeat = Arc::new(AtomicU64::new(super::now_ms()));
         (
             IndexThread {
                 db,
                 data_dir,
+                spool_lock,
                 rx,
                 wake,
                 heartbeat: heartbeat.clone(),
@@ -436,6 +454,11 @@ impl IndexThread {
     }
 
     fn commit_batch(&self, batch: Vec<Request>) -> Result<(), String> {
+        // A poisoned lock only means another holder panicked; the guarded state is the disk.
+        let _spool = self
+            .spool_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let fail_all = |batch: Vec<(Reply, PathBuf)>, msg: &str| {
             for (reply, tmp) in batch {
                 let _ = std::fs::remove_file(&tmp);

@@ -116,6 +116,7 @@ struct Inner {
     index: IndexHandle,
     /// Set while free space is below the reserve; logs only state changes.
     low_space: AtomicBool,
+    spool_lock: index::SpoolLock,
 }
 
 /// Chooses the destinations of an instance: (calling AE, modality, SOP class) → names.
@@ -182,7 +183,9 @@ impl Store {
         rec.in_flight_returned =
             queue::recover_in_flight(&db).map_err(|message| StoreError::Index { message })?;
         let db = Arc::new(db);
-        let (thread, handle) = IndexThread::new(db.clone(), data_dir.to_path_buf(), wake);
+        let spool_lock = index::SpoolLock::default();
+        let (thread, handle) =
+            IndexThread::new(db.clone(), data_dir.to_path_buf(), spool_lock.clone(), wake);
         let thread = std::thread::Builder::new()
             .name("index".into())
             .spawn(move || {
@@ -202,6 +205,7 @@ impl Store {
                 min_free,
                 index: handle,
                 low_space: AtomicBool::new(false),
+                spool_lock,
             }),
         };
         Ok((store, StoreRuntime { thread }, rec))
@@ -219,6 +223,11 @@ impl Store {
     /// The index, for the forwarder and operator queries (redb serialises writers).
     pub fn db(&self) -> &Arc<Database> {
         &self.inner.db
+    }
+
+    /// Held by eviction around deleting spool files (see [`index::SpoolLock`]).
+    pub fn spool_lock(&self) -> &index::SpoolLock {
+        &self.inner.spool_lock
     }
 
     /// Free bytes for this service on the data directory's filesystem.

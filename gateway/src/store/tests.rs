@@ -5,7 +5,7 @@ use super::*;
 use tokio_util::sync::CancellationToken;
 
 /// A minimal explicit VR little endian dataset with the indexed attributes.
-fn dataset(sop: &str) -> Vec<u8> {
+pub(super) fn dataset(sop: &str) -> Vec<u8> {
     fn el(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &str) {
         let mut v = v.as_bytes().to_vec();
         if v.len() % 2 == 1 {
@@ -27,14 +27,14 @@ fn dataset(sop: &str) -> Vec<u8> {
     d
 }
 
-fn open(dir: &Path, dests: &[&str]) -> (Store, StoreRuntime, Recovery) {
+pub(super) fn open(dir: &Path, dests: &[&str]) -> (Store, StoreRuntime, Recovery) {
     let dests: Vec<String> = dests.iter().map(|d| (*d).to_owned()).collect();
     let router: Router = Arc::new(move |_: &str, _: &str, _: &str| dests.clone());
     let wake: Wake = Arc::new(|_: &str| {});
     Store::open(dir, 0, CancellationToken::new(), router, wake).unwrap()
 }
 
-fn incoming(sop: &str) -> IncomingInstance {
+pub(super) fn incoming(sop: &str) -> IncomingInstance {
     IncomingInstance {
         sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
         sop_instance_uid: sop.into(),
