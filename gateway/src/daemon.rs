@@ -106,7 +106,8 @@ pub async fn run(
         data_dir:% = config.gateway.data_dir.display(), clean = recovery.clean,
         temp_files_removed = recovery.temp_files_removed, reindexed = recovery.reindexed,
         quarantined = recovery.quarantined, missing_files = recovery.missing_files,
-        in_flight_returned = recovery.in_flight_returned;
+        in_flight_returned = recovery.in_flight_returned,
+        unacknowledged_dropped = recovery.unacknowledged_dropped;
         "store open"
     );
     let mut forwarding =

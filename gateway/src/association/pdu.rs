@@ -69,7 +69,10 @@ pub enum Frame<'a> {
 
 pub struct PduReader<R> {
     inner: BufReader<R>,
+    /// Reused for every PDU and only grown, never zero-filled again: the current PDU is
+    /// `body[..len]`; bytes past `len` are stale and never read.
     body: Vec<u8>,
+    len: usize,
 }
 
 impl<R: AsyncRead + Unpin> PduReader<R> {
@@ -77,6 +80,7 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
         PduReader {
             inner: BufReader::with_capacity(64 * 1024, inner),
             body: Vec::new(),
+            len: 0,
         }
     }
 
@@ -92,9 +96,9 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
             Ok(Err(e)) => Err(e),
             Ok(Ok(pdu_type)) => {
                 if pdu_type == PDU_P_DATA_TF {
-                    parse_pdata(&self.body).map(Frame::PData)
+                    parse_pdata(&self.body[..self.len]).map(Frame::PData)
                 } else {
-                    decode_other(pdu_type, &self.body).map(Frame::Other)
+                    decode_other(pdu_type, &self.body[..self.len]).map(Frame::Other)
                 }
             }
         }
@@ -137,10 +141,17 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
                 max,
             });
         }
-        self.body.clear();
-        self.body.resize(length as usize, 0);
-        match self.inner.read_exact(&mut self.body).await {
-            Ok(_) => Ok(pdu_type),
+        // `length <= max`, which the configuration bounds (at most 16 MiB).
+        let length = length as usize;
+        if self.body.len() < length {
+            self.body.resize(length, 0);
+        }
+        self.len = 0;
+        match self.inner.read_exact(&mut self.body[..length]).await {
+            Ok(_) => {
+                self.len = length;
+                Ok(pdu_type)
+            }
             Err(e) if is_closed(&e) => Err(FrameError::Closed),
             Err(e) => Err(FrameError::Io(e)),
         }

@@ -1,9 +1,16 @@
 //! The redb index: what is stored, looked up by instance, study, series and content hash.
 //!
 //! One thread owns the write side ([`IndexThread`]). Concurrent associations hand it finished
-//! spool files; it renames a whole batch into place, fsyncs the touched directories once, and
-//! commits all their rows in one durable transaction (group commit). Each waiting C-STORE is
-//! answered when the commit that contains it has returned.
+//! spool files; it renames a whole batch into place and then, at the same time, fsyncs the
+//! touched directories once and commits all their rows in one durable transaction (group
+//! commit). Each waiting C-STORE is answered when that commit and those fsyncs have returned
+//! *and* its own file's data flush (done by the association meanwhile) has returned.
+//!
+//! Because the three flushes run concurrently, a crash can leave a committed row whose file was
+//! not yet durable. Every row is therefore committed together with an `unsettled` marker, which
+//! is removed (in a later transaction) only after the association reported its file durable.
+//! Start-up checks each remaining marker with [`verify_unsettled`]: a row whose file is missing
+//! or does not hash to its name was never acknowledged and is dropped; the others are kept.
 //!
 //! Schema version 1 (key → value):
 //! - `meta`: "schema_version" → u32 LE; "clean_shutdown" → [0 | 1]
@@ -11,8 +18,10 @@
 //! - `study_instances`, `series_instances`: (Study or Series UID, SOP Instance UID) → ()
 //! - `files`: dataset BLAKE3 hash → SOP Instance UID
 //! - `instances_by_time`: (receive time ms, SOP Instance UID) → (): oldest first, for eviction
+//! - `unsettled`: SOP Instance UID → dataset hash: committed rows whose file's durability was
+//!   not yet confirmed
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -32,6 +41,7 @@ const STUDIES: TableDefinition<(&str, &str), ()> = TableDefinition::new("study_i
 const SERIES: TableDefinition<(&str, &str), ()> = TableDefinition::new("series_instances");
 const FILES: TableDefinition<&[u8], &str> = TableDefinition::new("files");
 const BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("instances_by_time");
+const UNSETTLED: TableDefinition<&str, &[u8]> = TableDefinition::new("unsettled");
 
 /// Largest batch one group commit takes; bounds the latency of the last one in it.
 const MAX_BATCH: usize = 256;
@@ -99,6 +109,9 @@ type Reply = tokio::sync::oneshot::Sender<IndexResult<CommitOutcome>>;
 
 enum Request {
     Commit(Box<Pending>, Reply),
+    /// The file of a committed row is durable: its marker may go, and the files of the versions
+    /// it replaced may be deleted.
+    Settle(String, Hash),
 }
 
 /// Opens (or creates) the index and checks the schema version. Returns whether the previous run
@@ -147,6 +160,7 @@ pub fn open(data_dir: &Path, cache_bytes: usize) -> IndexResult<(Database, bool)
         txn.open_table(SERIES).map_err(|e| e.to_string())?;
         txn.open_table(FILES).map_err(|e| e.to_string())?;
         txn.open_table(BY_TIME).map_err(|e| e.to_string())?;
+        txn.open_table(UNSETTLED).map_err(|e| e.to_string())?;
         super::queue::create_tables(&txn)?;
         clean
     };
@@ -286,6 +300,10 @@ pub fn remove(txn: &WriteTransaction, rec: &InstanceRecord) -> IndexResult<()> {
         .map_err(|x| e(x.into()))?
         .remove((rec.received_at_ms, sop))
         .map_err(|x| e(x.into()))?;
+    txn.open_table(UNSETTLED)
+        .map_err(|x| e(x.into()))?
+        .remove(sop)
+        .map_err(|x| e(x.into()))?;
     Ok(())
 }
 
@@ -326,6 +344,78 @@ pub fn has_file(db: &Database, hash: &Hash) -> IndexResult<bool> {
         .get(hash.as_slice())
         .map_err(|e| e.to_string())?
         .is_some())
+}
+
+/// Start-up: checks every `unsettled` marker (see the module doc). A row whose file is missing
+/// or does not hash to its name was never acknowledged: it is dropped with its queue entries.
+/// Returns the SOP Instance UIDs whose rows were kept, and how many were dropped.
+pub fn verify_unsettled(db: &Database, data_dir: &Path) -> IndexResult<(HashSet<String>, usize)> {
+    let e = |e: redb::Error| e.to_string();
+    let markers: Vec<(String, Hash)> = {
+        let txn = db.begin_read().map_err(|x| e(x.into()))?;
+        let t = txn.open_table(UNSETTLED).map_err(|x| e(x.into()))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|x| e(x.into()))? {
+            let (k, v) = row.map_err(|x| e(x.into()))?;
+            if let Ok(h) = Hash::try_from(v.value()) {
+                out.push((k.value().to_owned(), h));
+            }
+        }
+        out
+    };
+    let mut kept = HashSet::new();
+    if markers.is_empty() {
+        return Ok((kept, 0));
+    }
+    let txn = db.begin_write().map_err(|x| e(x.into()))?;
+    let mut torn = Vec::new();
+    for (sop, hash) in markers {
+        txn.open_table(UNSETTLED)
+            .map_err(|x| e(x.into()))?
+            .remove(sop.as_str())
+            .map_err(|x| e(x.into()))?;
+        let Some(rec) = existing(&txn, &sop)? else {
+            continue;
+        };
+        if rec.checksum != hash {
+            continue;
+        }
+        let path = data_dir.join(spool::relative_path(&hash));
+        if spool::hash_dataset(&path).is_ok_and(|(_, _, h, _)| h == hash) {
+            kept.insert(sop);
+            continue;
+        }
+        remove(&txn, &rec)?;
+        super::queue::remove_entries(&txn, &sop)?;
+        log::warn!(
+            sop_instance_uid:% = sop, study_instance_uid:% = rec.study_instance_uid, calling_ae:% = rec.calling_ae;
+            "instance received just before the unclean stop never became durable and was never acknowledged: dropped (the modality sends it again)"
+        );
+        torn.push(path);
+    }
+    txn.commit().map_err(|x| e(x.into()))?;
+    for path in &torn {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok((kept, torn.len()))
+}
+
+/// Puts a marker back as a crash before [`Request::Settle`] would have left it (tests).
+#[cfg(test)]
+pub fn mark_unsettled(db: &Database, sop_instance_uid: &str, hash: &Hash) {
+    let txn = db.begin_write().unwrap();
+    txn.open_table(UNSETTLED)
+        .unwrap()
+        .insert(sop_instance_uid, hash.as_slice())
+        .unwrap();
+    txn.commit().unwrap();
+}
+
+/// Markers left (tests).
+#[cfg(test)]
+pub fn unsettled_count(db: &Database) -> u64 {
+    let txn = db.begin_read().unwrap();
+    txn.open_table(UNSETTLED).unwrap().iter().unwrap().count() as u64
 }
 
 /// Every instance record, in SOP Instance UID order.
@@ -374,13 +464,24 @@ impl IndexHandle {
         )
     }
 
-    /// Queues a commit; the answer comes once the commit holding it is durable.
-    pub async fn commit(&self, pending: Pending) -> IndexResult<CommitOutcome> {
+    /// Queues a commit; the receiver answers once the commit holding it and the fsyncs of the
+    /// directories it renamed into are durable. The file's own data flush is the caller's.
+    pub async fn submit(&self, pending: Pending) -> IndexResult<Answer> {
         let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Request::Commit(Box::new(pending), reply)).await?;
+        Ok(Answer(rx))
+    }
+
+    /// Reports the file of a committed row durable (see the module doc).
+    pub async fn settled(&self, sop_instance_uid: String, checksum: Hash) -> IndexResult<()> {
+        self.send(Request::Settle(sop_instance_uid, checksum)).await
+    }
+
+    async fn send(&self, request: Request) -> IndexResult<()> {
         let stopped = || "the index has stopped after an earlier failure".to_owned();
-        match self.tx.try_send(Request::Commit(Box::new(pending), reply)) {
-            Ok(()) => {}
-            Err(mpsc::TrySendError::Disconnected(_)) => return Err(stopped()),
+        match self.tx.try_send(request) {
+            Ok(()) => Ok(()),
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(stopped()),
             Err(mpsc::TrySendError::Full(request)) => {
                 // The channel is bounded: when the index thread falls behind, this waits (off
                 // the runtime) and the association stops reading: the backpressure we want.
@@ -388,10 +489,19 @@ impl IndexHandle {
                 tokio::task::spawn_blocking(move || tx.send(request).map_err(|_| ()))
                     .await
                     .map_err(|e| format!("index queue task failed: {e}"))?
-                    .map_err(|()| stopped())?;
+                    .map_err(|()| stopped())
             }
         }
-        rx.await
+    }
+}
+
+/// The index thread's answer to one [`IndexHandle::submit`].
+pub struct Answer(tokio::sync::oneshot::Receiver<IndexResult<CommitOutcome>>);
+
+impl Answer {
+    pub async fn outcome(self) -> IndexResult<CommitOutcome> {
+        self.0
+            .await
             .map_err(|_| "the index has stopped after an earlier failure".to_owned())?
     }
 }
@@ -406,6 +516,10 @@ pub struct IndexThread {
     wake: Wake,
     /// Unix ms of the thread's last turn; the watchdog checks it is recent.
     heartbeat: Arc<AtomicU64>,
+    /// Settled rows whose markers the next transaction removes.
+    settled: Vec<(String, Hash)>,
+    /// Files of replaced versions, deleted once the replacing (SOP, hash) is settled.
+    replaced: HashMap<(String, Hash), Vec<Hash>>,
 }
 
 impl IndexThread {
@@ -425,6 +539,8 @@ impl IndexThread {
                 rx,
                 wake,
                 heartbeat: heartbeat.clone(),
+                settled: Vec::new(),
+                replaced: HashMap::new(),
             },
             IndexHandle { tx, heartbeat },
         )
@@ -433,7 +549,7 @@ impl IndexThread {
     /// Serves commits until every [`IndexHandle`] is dropped, then returns the database.
     /// Returns `Err` after a failed commit: redb then refuses writes until reopened, so the
     /// caller must stop the gateway (systemd restarts it and redb repairs on open).
-    pub fn run(self) -> Result<Arc<Database>, String> {
+    pub fn run(mut self) -> Result<Arc<Database>, String> {
         loop {
             self.heartbeat.store(super::now_ms(), Ordering::Relaxed);
             let first = match self.rx.recv_timeout(Duration::from_secs(1)) {
@@ -450,18 +566,63 @@ impl IndexThread {
             }
             self.commit_batch(batch)?;
         }
+        if !self.settled.is_empty() {
+            let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+            self.remove_markers(&txn)?;
+            txn.commit()
+                .map_err(|e| format!("index commit failed: {e}"))?;
+        }
         Ok(self.db)
     }
 
-    fn commit_batch(&self, batch: Vec<Request>) -> Result<(), String> {
+    /// Removes the markers of settled rows (unless a newer version has its own marker).
+    fn remove_markers(&mut self, txn: &WriteTransaction) -> Result<(), String> {
+        let mut t = txn.open_table(UNSETTLED).map_err(|e| e.to_string())?;
+        for (sop, hash) in self.settled.drain(..) {
+            let same = t
+                .get(sop.as_str())
+                .map_err(|e| e.to_string())?
+                .is_some_and(|v| v.value() == hash.as_slice());
+            if same {
+                t.remove(sop.as_str()).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records settled rows and deletes the files their versions replaced.
+    fn settle(&mut self, sop: String, hash: Hash) {
+        if let Some(old) = self.replaced.remove(&(sop.clone(), hash)) {
+            for h in old {
+                // Unreferenced unless a later instance brought the same bytes back.
+                if has_file(&self.db, &h) == Ok(false) {
+                    let _ = std::fs::remove_file(self.data_dir.join(spool::relative_path(&h)));
+                }
+            }
+        }
+        self.settled.push((sop, hash));
+    }
+
+    fn commit_batch(&mut self, batch: Vec<Request>) -> Result<(), String> {
         // A poisoned lock only means another holder panicked; the guarded state is the disk.
-        let _spool = self
-            .spool_lock
+        let spool_lock = self.spool_lock.clone();
+        let _spool = spool_lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let fail_all = |batch: Vec<(Reply, PathBuf)>, msg: &str| {
-            for (reply, tmp) in batch {
-                let _ = std::fs::remove_file(&tmp);
+        let mut commits = Vec::with_capacity(batch.len());
+        for r in batch {
+            match r {
+                Request::Commit(p, reply) => commits.push((p, reply)),
+                Request::Settle(sop, hash) => self.settle(sop, hash),
+            }
+        }
+        if commits.is_empty() {
+            // Markers go with the next commit: a transaction of its own would cost a flush.
+            return Ok(());
+        }
+        let fail_all = |batch: Vec<(Box<Pending>, Reply)>, msg: &str| {
+            for (p, reply) in batch {
+                let _ = std::fs::remove_file(&p.tmp);
                 let _ = reply.send(Err(msg.to_owned()));
             }
         };
@@ -469,61 +630,70 @@ impl IndexThread {
             Ok(t) => t,
             Err(e) => {
                 let msg = format!("index write transaction failed: {e}");
-                fail_all(
-                    batch
-                        .into_iter()
-                        .map(|Request::Commit(p, r)| (r, p.tmp))
-                        .collect(),
-                    &msg,
-                );
+                fail_all(commits, &msg);
                 return Err(msg);
             }
         };
-        let mut results = Vec::with_capacity(batch.len());
+        let mut results = Vec::with_capacity(commits.len());
         let mut dirs = BTreeSet::new();
-        let mut orphans = Vec::new();
+        let mut replaced = Vec::new();
         let mut woken = BTreeSet::new();
-        let mut fatal = None;
-        for Request::Commit(p, reply) in batch {
+        let mut fatal = self.remove_markers(&txn).err();
+        for (p, reply) in commits {
             let r = match &fatal {
                 Some(msg) => Err(Placement::Fatal(String::clone(msg))),
-                None => self.place(&txn, &p, &mut dirs, &mut orphans),
+                None => self.place(&txn, &p, &mut dirs),
             };
-            if matches!(r, Ok(CommitOutcome::Stored | CommitOutcome::Replaced)) {
-                woken.extend(p.destinations.iter().cloned());
-            }
-            if let Err(Placement::Fatal(msg)) = &r {
-                fatal.get_or_insert_with(|| msg.clone());
+            match &r {
+                Ok(Placed::Stored) => {
+                    woken.extend(p.destinations.iter().cloned());
+                }
+                Ok(Placed::Replaced(old)) => {
+                    woken.extend(p.destinations.iter().cloned());
+                    replaced.push((p.record.sop_instance_uid.clone(), p.record.checksum, *old));
+                }
+                Ok(Placed::Duplicate) => {}
+                Err(Placement::Fatal(msg)) => {
+                    fatal.get_or_insert_with(|| msg.clone());
+                }
+                Err(Placement::Failed(_)) => {}
             }
             results.push((reply, r));
         }
-        let mut committed = match fatal {
+        let committed = match fatal {
             Some(msg) => Err(msg),
-            None => Ok(()),
-        };
-        if committed.is_ok() {
-            for d in &dirs {
-                if let Err(e) = spool::fsync_dir(d) {
-                    committed = Err(format!("fsync of {} failed: {e}", d.display()));
-                    break;
-                }
+            None => {
+                // The directory fsyncs and the commit are independent flushes: run them at the
+                // same time and answer when both are done. A crash in between leaves rows
+                // whose rename may be lost: their `unsettled` markers cover that.
+                let (dirs_synced, commit) = std::thread::scope(|s| {
+                    let fsyncs = s.spawn(|| {
+                        dirs.iter().try_for_each(|d| {
+                            spool::fsync_dir(d)
+                                .map_err(|e| format!("fsync of {} failed: {e}", d.display()))
+                        })
+                    });
+                    let commit = txn
+                        .commit()
+                        .map_err(|e| format!("index commit failed: {e}"));
+                    let dirs_synced = fsyncs
+                        .join()
+                        .unwrap_or_else(|_| Err("directory fsync thread panicked".to_owned()));
+                    (dirs_synced, commit)
+                });
+                commit.and(dirs_synced)
             }
-        }
-        let committed = committed.and_then(|()| {
-            txn.commit()
-                .map_err(|e| format!("index commit failed: {e}"))
-        });
+        };
         match committed {
             Ok(()) => {
-                for h in orphans {
-                    // The row now points at the new version; the old file is unreferenced
-                    // unless a later instance of this batch brought the same bytes back.
-                    if has_file(&self.db, &h) == Ok(false) {
-                        let _ = std::fs::remove_file(self.data_dir.join(spool::relative_path(&h)));
-                    }
+                for (sop, hash, old) in replaced {
+                    self.replaced.entry((sop, hash)).or_default().push(old);
                 }
                 for (reply, r) in results {
-                    let _ = reply.send(r.map_err(|(Placement::Failed(m) | Placement::Fatal(m))| m));
+                    let _ = reply.send(
+                        r.map_err(|(Placement::Failed(m) | Placement::Fatal(m))| m)
+                            .map(Placed::public),
+                    );
                 }
                 for d in &woken {
                     (self.wake)(d);
@@ -531,8 +701,8 @@ impl IndexThread {
                 Ok(())
             }
             Err(msg) => {
-                // Renamed files stay: they are complete and fsynced, and the reconciliation at
-                // the next start re-indexes them. Their senders get a failure and resend.
+                // Renamed files stay: the reconciliation at the next start re-indexes those that
+                // are complete. Their senders get a failure and resend.
                 for (reply, _) in results {
                     let _ = reply.send(Err(msg.clone()));
                 }
@@ -547,15 +717,14 @@ impl IndexThread {
         txn: &WriteTransaction,
         p: &Pending,
         dirs: &mut BTreeSet<PathBuf>,
-        orphans: &mut Vec<Hash>,
-    ) -> Result<CommitOutcome, Placement> {
+    ) -> Result<Placed, Placement> {
         let old = existing(txn, &p.record.sop_instance_uid).map_err(Placement::Fatal)?;
         if old
             .as_ref()
             .is_some_and(|o| o.checksum == p.record.checksum)
         {
             let _ = std::fs::remove_file(&p.tmp);
-            return Ok(CommitOutcome::Duplicate);
+            return Ok(Placed::Duplicate);
         }
         let dest = self.data_dir.join(spool::relative_path(&p.record.checksum));
         if let Err(e) = std::fs::rename(&p.tmp, &dest) {
@@ -576,13 +745,35 @@ impl IndexThread {
             p.high_priority,
         )
         .map_err(Placement::Fatal)?;
+        txn.open_table(UNSETTLED)
+            .map_err(|e| Placement::Fatal(e.to_string()))?
+            .insert(
+                p.record.sop_instance_uid.as_str(),
+                p.record.checksum.as_slice(),
+            )
+            .map_err(|e| Placement::Fatal(e.to_string()))?;
         Ok(match old {
-            Some(o) => {
-                orphans.push(o.checksum);
-                CommitOutcome::Replaced
-            }
-            None => CommitOutcome::Stored,
+            Some(o) => Placed::Replaced(o.checksum),
+            None => Placed::Stored,
         })
+    }
+}
+
+/// What [`IndexThread::place`] did; `Replaced` carries the old version's hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placed {
+    Stored,
+    Duplicate,
+    Replaced(Hash),
+}
+
+impl Placed {
+    fn public(self) -> CommitOutcome {
+        match self {
+            Placed::Stored => CommitOutcome::Stored,
+            Placed::Duplicate => CommitOutcome::Duplicate,
+            Placed::Replaced(_) => CommitOutcome::Replaced,
+        }
     }
 }
 

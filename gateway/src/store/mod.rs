@@ -2,23 +2,31 @@
 //!
 //! # Durability contract
 //!
-//! [`Ingest::finish`] returns `Ok` only after, in this order:
+//! [`Ingest::finish`] returns `Ok` only after all of these have returned:
 //! 1. the dataset bytes, behind a Part 10 preamble and file meta group, were written to a
-//!    temporary file under `tmp/` (same filesystem as the spool) and `sync_all`'d;
+//!    temporary file under `tmp/` (same filesystem as the spool) and that file `fdatasync`'d;
 //! 2. the file was renamed to `spool/<hh>/<hash>.dcm` and that directory fsynced;
-//! 3. the index rows were committed by redb with `Durability::Immediate`.
+//! 3. the index rows, with an `unsettled` marker, were committed by redb with
+//!    `Durability::Immediate`.
 //!
-//! Only then may the association answer C-STORE-RSP Success (PS3.4 Annex B.2.3). Steps 2 and 3
-//! are shared by every instance waiting at that moment (group commit, see [`index`]). Any
-//! failure before step 3 returns `Err`, and the temporary file is removed.
+//! Only then may the association answer C-STORE-RSP Success (PS3.4 Annex B.2.3). Step 1's flush
+//! runs on the association while the index thread does steps 2 and 3 (rename first, then the
+//! directory fsync and the commit at the same time), shared by every instance waiting at that
+//! moment (group commit, see [`index`]): the acknowledgement waits for the slowest of three
+//! flushes instead of their sum. Any failure returns `Err` (A700); a failed data flush also stops
+//! the gateway, as a failed commit does, because the state of the file is then unknown.
 //!
-//! Start-up ([`Store::open`]) empties `tmp/`; after an unclean shutdown it also re-indexes spool
-//! files that have no row (a crash between steps 2 and 3) and reports rows whose file is gone.
+//! Start-up ([`Store::open`]) empties `tmp/` and checks the rows whose marker is still there
+//! ([`index::verify_unsettled`]): a row whose file is missing or damaged was never acknowledged
+//! and is dropped. After an unclean shutdown it also re-indexes spool files that have no row (a
+//! crash between rename and commit) and reports rows whose file is gone.
 //!
 //! # Bounded memory
 //!
 //! An instance is never held whole: [`Ingest::write`] buffers at most [`FLUSH_BYTES`] before
-//! writing to the file, and the index fields are parsed back from the file.
+//! writing to the file (a PDV of [`DIRECT_BYTES`] or more goes to the file without that copy),
+//! and keeps the first [`HEAD_BYTES`] of the dataset, from which the index fields are parsed;
+//! the file is read back only for a dataset whose indexed attributes lie beyond that.
 
 pub mod evict;
 pub mod index;
@@ -26,8 +34,9 @@ pub mod parse;
 pub mod queue;
 pub mod spool;
 
+use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, BufReader, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -43,6 +52,13 @@ use spool::{FileMeta, Hash};
 
 /// Bytes buffered per instance before a write to the spool file.
 pub const FLUSH_BYTES: usize = 256 * 1024;
+
+/// A PDV at least this large is written to the file directly when nothing is buffered.
+pub const DIRECT_BYTES: usize = 64 * 1024;
+
+/// The start of the dataset kept in memory for parsing the indexed attributes (they are group
+/// 0008–0020 elements, which precede the pixel data, PS3.5 section 7.1).
+pub const HEAD_BYTES: usize = 64 * 1024;
 
 /// redb page cache; the index is small next to the spool, and the OS caches the rest.
 const INDEX_CACHE_BYTES: usize = 64 * 1024 * 1024;
@@ -105,6 +121,8 @@ pub struct Recovery {
     pub quarantined: usize,
     pub missing_files: usize,
     pub in_flight_returned: usize,
+    /// Rows committed just before a crash whose file never became durable (never acknowledged).
+    pub unacknowledged_dropped: usize,
 }
 
 struct Inner {
@@ -114,6 +132,8 @@ struct Inner {
     router: Router,
     min_free: u64,
     index: IndexHandle,
+    /// Cancelled when the store can no longer vouch for its files (a failed data flush).
+    on_fatal: tokio_util::sync::CancellationToken,
     /// Set while free space is below the reserve; logs only state changes.
     low_space: AtomicBool,
     spool_lock: index::SpoolLock,
@@ -177,8 +197,11 @@ impl Store {
         let (db, clean) = index::open(data_dir, INDEX_CACHE_BYTES)
             .map_err(|message| StoreError::Index { message })?;
         rec.clean = clean;
-        if !clean {
-            reconcile(&db, data_dir, &mut rec, &router)?;
+        let (verified, dropped) = index::verify_unsettled(&db, data_dir)
+            .map_err(|message| StoreError::Index { message })?;
+        rec.unacknowledged_dropped = dropped;
+        if !clean || !verified.is_empty() || dropped > 0 {
+            reconcile(&db, data_dir, &mut rec, &router, &verified)?;
         }
         rec.in_flight_returned =
             queue::recover_in_flight(&db).map_err(|message| StoreError::Index { message })?;
@@ -186,6 +209,7 @@ impl Store {
         let spool_lock = index::SpoolLock::default();
         let (thread, handle) =
             IndexThread::new(db.clone(), data_dir.to_path_buf(), spool_lock.clone(), wake);
+        let fatal = on_fatal.clone();
         let thread = std::thread::Builder::new()
             .name("index".into())
             .spawn(move || {
@@ -204,6 +228,7 @@ impl Store {
                 router,
                 min_free,
                 index: handle,
+                on_fatal: fatal,
                 low_space: AtomicBool::new(false),
                 spool_lock,
             }),
@@ -273,6 +298,7 @@ impl Store {
             incoming,
             file: None,
             buf: Vec::with_capacity(FLUSH_BYTES + 64 * 1024),
+            head: Vec::new(),
             hasher: blake3::Hasher::new(),
             size: 0,
             tmp,
@@ -305,14 +331,23 @@ pub struct Ingest {
     file: Option<File>,
     header_len: u64,
     buf: Vec<u8>,
+    /// The first [`HEAD_BYTES`] of the dataset.
+    head: Vec<u8>,
     hasher: blake3::Hasher,
     size: u64,
 }
 
 impl Ingest {
-    /// Appends dataset bytes. Writes to the file once [`FLUSH_BYTES`] are buffered, on a
-    /// blocking section of the runtime.
+    /// Appends dataset bytes. Writes to the file once [`FLUSH_BYTES`] are buffered (or at once
+    /// for a large PDV), on a blocking section of the runtime.
     pub fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        if self.head.len() < HEAD_BYTES {
+            let n = data.len().min(HEAD_BYTES - self.head.len());
+            self.head.extend_from_slice(&data[..n]);
+        }
+        if self.buf.is_empty() && data.len() >= DIRECT_BYTES {
+            return tokio::task::block_in_place(|| self.write_out(data));
+        }
         self.buf.extend_from_slice(data);
         if self.buf.len() >= FLUSH_BYTES {
             tokio::task::block_in_place(|| self.flush())?;
@@ -321,14 +356,20 @@ impl Ingest {
     }
 
     fn flush(&mut self) -> Result<(), StoreError> {
+        let buf = std::mem::take(&mut self.buf);
+        let r = self.write_out(&buf);
+        self.buf = buf;
+        self.buf.clear();
+        r
+    }
+
+    fn write_out(&mut self, data: &[u8]) -> Result<(), StoreError> {
         let Some(file) = self.file.as_mut() else {
             return Ok(());
         };
-        self.hasher.update(&self.buf);
-        self.size += self.buf.len() as u64;
-        let r = file.write_all(&self.buf);
-        self.buf.clear();
-        r.map_err(|source| StoreError::Io {
+        self.hasher.update(data);
+        self.size += data.len() as u64;
+        file.write_all(data).map_err(|source| StoreError::Io {
             path: self.tmp.clone(),
             source,
         })
@@ -338,24 +379,43 @@ impl Ingest {
     pub async fn finish(mut self) -> Result<Stored, StoreError> {
         let (record, study, series) = tokio::task::block_in_place(|| self.seal())?;
         let size = record.size;
+        let (sop, checksum) = (record.sop_instance_uid.clone(), record.checksum);
         let destinations =
             (self.store.inner.router)(&record.calling_ae, &record.modality, &record.sop_class_uid);
+        let tmp = std::mem::take(&mut self.tmp);
         let pending = Pending {
-            tmp: self.tmp.clone(),
+            tmp: tmp.clone(),
             record,
             destinations,
             high_priority: self.incoming.high_priority,
         };
+        let file = self.file.take().ok_or_else(|| StoreError::Task {
+            message: "instance already finished".into(),
+        })?;
+        let index = &self.store.inner.index;
         // From here the index thread owns the temporary file (it renames or removes it).
-        self.file = None;
-        self.tmp = PathBuf::new();
-        let outcome = self
-            .store
-            .inner
-            .index
-            .commit(pending)
+        let answer = index.submit(pending).await.map_err(|message| {
+            let _ = std::fs::remove_file(&tmp);
+            StoreError::Index { message }
+        })?;
+        let synced = tokio::task::block_in_place(|| file.sync_data());
+        let outcome = answer
+            .outcome()
             .await
             .map_err(|message| StoreError::Index { message })?;
+        if let Err(source) = synced {
+            log::error!(
+                sop_instance_uid:% = sop, path:% = tmp.display(), error:% = source;
+                "data flush of a spool file failed: answering A700 and stopping, so that the restart checks what is on disk"
+            );
+            self.store.inner.on_fatal.cancel();
+            return Err(StoreError::Io { path: tmp, source });
+        }
+        if outcome != CommitOutcome::Duplicate {
+            // Only a stopped index fails here; the marker then stays and the next start checks
+            // this file, which is durable.
+            let _ = index.settled(sop, checksum).await;
+        }
         Ok(Stored {
             outcome,
             study_instance_uid: study,
@@ -364,21 +424,24 @@ impl Ingest {
         })
     }
 
-    /// Flushes and fsyncs the file, then reads back and checks the indexed fields.
+    /// Writes out what is buffered and checks the indexed fields (the data flush is
+    /// [`Ingest::finish`]'s).
     fn seal(&mut self) -> Result<(InstanceRecord, String, String), StoreError> {
         self.flush()?;
-        let io_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StoreError::Io { path, source }
-        };
-        let file = self.file.as_mut().ok_or_else(|| StoreError::Task {
+        let file = self.file.as_ref().ok_or_else(|| StoreError::Task {
             message: "instance already finished".into(),
         })?;
-        file.sync_all().map_err(io_err(&self.tmp))?;
-        file.seek(SeekFrom::Start(self.header_len))
-            .map_err(io_err(&self.tmp))?;
+        // The rest of the dataset is read from the file only if parsing gets past the head.
+        let rest_at = self.header_len + self.head.len() as u64;
+        let rest = LazyAt {
+            file,
+            at: rest_at,
+            positioned: false,
+        };
         let fields = parse::read_fields(
-            BufReader::with_capacity(64 * 1024, &*file),
+            self.head
+                .as_slice()
+                .chain(BufReader::with_capacity(64 * 1024, rest)),
             self.size,
             &self.incoming.transfer_syntax,
         )
@@ -422,6 +485,24 @@ impl Ingest {
     }
 }
 
+/// Reads a file from `at` on, seeking there on the first read only.
+struct LazyAt<'a> {
+    file: &'a File,
+    at: u64,
+    positioned: bool,
+}
+
+impl io::Read for LazyAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut f = self.file;
+        if !self.positioned {
+            f.seek(SeekFrom::Start(self.at))?;
+            self.positioned = true;
+        }
+        f.read(buf)
+    }
+}
+
 impl Drop for Ingest {
     fn drop(&mut self) {
         if self.file.take().is_some() && !self.tmp.as_os_str().is_empty() {
@@ -438,11 +519,14 @@ pub fn now_ms() -> u64 {
 
 /// After an unclean shutdown: index spool files that have no row, quarantine files whose content
 /// does not match their name, and report rows whose file is gone.
+/// `replacing`: instances whose newest row was just verified ([`index::verify_unsettled`]); a
+/// file of theirs without a row is the version that row replaced, not a newer one.
 fn reconcile(
     db: &Database,
     data_dir: &Path,
     rec: &mut Recovery,
     router: &Router,
+    replacing: &HashSet<String>,
 ) -> Result<(), StoreError> {
     let idx = |message: String| StoreError::Index { message };
     let spool_dir = data_dir.join(spool::SPOOL_DIR);
@@ -473,8 +557,9 @@ fn reconcile(
         }
     }
     for (path, name_hash) in orphans {
-        match reindex_file(db, data_dir, &path, &name_hash, router) {
-            Ok(()) => rec.reindexed += 1,
+        match reindex_file(db, data_dir, &path, &name_hash, router, replacing) {
+            Ok(true) => rec.reindexed += 1,
+            Ok(false) => {}
             Err(reason) => {
                 let dest = spool::quarantine(data_dir, &path);
                 log::error!(path:% = path.display(), reason:% = reason, quarantined:? = dest.ok(); "spool file could not be re-indexed");
@@ -501,10 +586,17 @@ fn reindex_file(
     path: &Path,
     name_hash: &Hash,
     router: &Router,
-) -> Result<(), String> {
+    replacing: &HashSet<String>,
+) -> Result<bool, String> {
     let (meta, offset, hash, size) = spool::hash_dataset(path).map_err(|e| e.to_string())?;
     if &hash != name_hash {
         return Err("content does not match its name (damaged file)".into());
+    }
+    if replacing.contains(&meta.sop_instance_uid) {
+        // Replaced by the verified row; its deletion was due once that row was settled.
+        let _ = std::fs::remove_file(path);
+        log::info!(sop_instance_uid:% = meta.sop_instance_uid; "removed the replaced version of an instance");
+        return Ok(false);
     }
     let mut f = File::open(path).map_err(|e| e.to_string())?;
     f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
@@ -537,7 +629,7 @@ fn reindex_file(
         let _ = std::fs::remove_file(data_dir.join(spool::relative_path(&old.checksum)));
     }
     log::info!(sop_instance_uid:% = record.sop_instance_uid; "re-indexed spool file found without index row");
-    Ok(())
+    Ok(true)
 }
 
 /// Opens the index of a data directory for reading while no daemon runs (CLI `instances`).
