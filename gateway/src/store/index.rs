@@ -418,6 +418,47 @@ pub fn unsettled_count(db: &Database) -> u64 {
     txn.open_table(UNSETTLED).unwrap().iter().unwrap().count() as u64
 }
 
+/// The `files` table in one read transaction, for a scan of the whole spool.
+pub struct FileLookup {
+    table: redb::ReadOnlyTable<&'static [u8], &'static str>,
+}
+
+impl FileLookup {
+    pub fn open(db: &Database) -> IndexResult<FileLookup> {
+        let txn = db.begin_read().map_err(|e| e.to_string())?;
+        let table = txn.open_table(FILES).map_err(|e| e.to_string())?;
+        Ok(FileLookup { table })
+    }
+
+    pub fn contains(&self, hash: &Hash) -> IndexResult<bool> {
+        Ok(self
+            .table
+            .get(hash.as_slice())
+            .map_err(|e| e.to_string())?
+            .is_some())
+    }
+
+    /// Rows, one per indexed instance.
+    pub fn rows(&self) -> IndexResult<u64> {
+        use redb::ReadableTableMetadata;
+        self.table.len().map_err(|e| e.to_string())
+    }
+}
+
+/// Calls `f` with every instance record, in SOP Instance UID order, one at a time.
+pub fn for_each_instance(
+    db: &impl ReadableDatabase,
+    mut f: impl FnMut(InstanceRecord),
+) -> IndexResult<()> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let table = txn.open_table(INSTANCES).map_err(|e| e.to_string())?;
+    for row in table.iter().map_err(|e| e.to_string())? {
+        let (_, v) = row.map_err(|e| e.to_string())?;
+        f(postcard::from_bytes(v.value()).map_err(|e| format!("corrupt index row: {e}"))?);
+    }
+    Ok(())
+}
+
 /// Every instance record, in SOP Instance UID order.
 pub fn all_instances(db: &impl ReadableDatabase) -> IndexResult<Vec<InstanceRecord>> {
     let txn = db.begin_read().map_err(|e| e.to_string())?;

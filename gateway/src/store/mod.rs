@@ -532,6 +532,10 @@ fn reconcile(
     let spool_dir = data_dir.join(spool::SPOOL_DIR);
     log::warn!(data_dir:% = data_dir.display(); "previous run did not shut down cleanly: reconciling spool files with the index");
     let mut orphans: Vec<(PathBuf, Hash)> = Vec::new();
+    let files = index::FileLookup::open(db).map_err(idx)?;
+    // Spool files that have a row. If it equals the number of rows, no row lacks its file and
+    // the second pass (a stat per row) is not needed.
+    let mut matched = 0u64;
     let shards = std::fs::read_dir(&spool_dir).map_err(|source| StoreError::Io {
         path: spool_dir.clone(),
         source,
@@ -541,21 +545,22 @@ fn reconcile(
             continue;
         };
         for e in entries.flatten() {
-            let path = e.path();
-            let hash = path
-                .file_name()
-                .and_then(|n| n.to_str())
+            let name = e.file_name();
+            let hash = name
+                .to_str()
                 .and_then(|n| n.strip_suffix(".dcm"))
                 .and_then(spool::parse_hex);
             match hash {
-                Some(h) if !index::has_file(db, &h).map_err(idx)? => orphans.push((path, h)),
-                Some(_) => {}
+                Some(h) if files.contains(&h).map_err(idx)? => matched += 1,
+                Some(h) => orphans.push((e.path(), h)),
                 None => {
-                    log::warn!(path:% = path.display(); "unexpected file in the spool; leaving it alone")
+                    log::warn!(path:% = e.path().display(); "unexpected file in the spool; leaving it alone")
                 }
             }
         }
     }
+    let rows = files.rows().map_err(idx)?;
+    drop(files);
     for (path, name_hash) in orphans {
         match reindex_file(db, data_dir, &path, &name_hash, router, replacing) {
             Ok(true) => rec.reindexed += 1,
@@ -567,14 +572,17 @@ fn reconcile(
             }
         }
     }
-    for r in index::all_instances(db).map_err(idx)? {
-        if !data_dir.join(spool::relative_path(&r.checksum)).exists() {
-            rec.missing_files += 1;
-            log::error!(
-                sop_instance_uid:% = r.sop_instance_uid, study_instance_uid:% = r.study_instance_uid, calling_ae:% = r.calling_ae;
-                "INDEXED INSTANCE HAS NO SPOOL FILE: the file was deleted or lost outside the gateway; ask the modality to resend the study"
-            );
-        }
+    if matched < rows {
+        index::for_each_instance(db, |r| {
+            if !data_dir.join(spool::relative_path(&r.checksum)).exists() {
+                rec.missing_files += 1;
+                log::error!(
+                    sop_instance_uid:% = r.sop_instance_uid, study_instance_uid:% = r.study_instance_uid, calling_ae:% = r.calling_ae;
+                    "INDEXED INSTANCE HAS NO SPOOL FILE: the file was deleted or lost outside the gateway; ask the modality to resend the study"
+                );
+            }
+        })
+        .map_err(idx)?;
     }
     log::warn!(reindexed = rec.reindexed, quarantined = rec.quarantined, missing_files = rec.missing_files; "reconciliation finished");
     Ok(())
