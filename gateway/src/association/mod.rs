@@ -420,12 +420,14 @@ impl Conn<'_> {
                     _ => self.tally.stored += 1,
                 }
                 crate::metrics::get().cstore(status::SUCCESS, stored.size);
+                // The answer first: the log line is not on the modality's critical path.
+                let sent = self.respond(ctx, cmd, status::SUCCESS, None, wr).await;
                 log::info!(
                     calling_ae:% = self.calling_ae, sop_instance_uid:% = sop,
                     study_instance_uid:% = stored.study_instance_uid, size = stored.size, outcome:? = stored.outcome;
                     "instance stored"
                 );
-                self.respond(ctx, cmd, status::SUCCESS, None, wr).await
+                sent
             }
             Err((code, why)) => {
                 self.tally.failed += 1;

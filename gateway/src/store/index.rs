@@ -553,6 +553,8 @@ pub struct IndexThread {
     data_dir: PathBuf,
     /// Held from the first rename of a batch until its commit is durable; see [`SpoolLock`].
     spool_lock: SpoolLock,
+    /// Fsyncs shard directories as renames land in them (see [`syncer`]).
+    syncer: mpsc::Sender<SyncMsg>,
     rx: mpsc::Receiver<Request>,
     wake: Wake,
     /// Unix ms of the thread's last turn; the watchdog checks it is recent.
@@ -569,14 +571,19 @@ impl IndexThread {
         data_dir: PathBuf,
         spool_lock: SpoolLock,
         wake: Wake,
-    ) -> (IndexThread, IndexHandle) {
+    ) -> std::io::Result<(IndexThread, IndexHandle)> {
         let (tx, rx) = mpsc::sync_channel(MAX_BATCH);
+        let (sync_tx, sync_rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("spool-sync".into())
+            .spawn(move || syncer(&sync_rx))?;
         let heartbeat = Arc::new(AtomicU64::new(super::now_ms()));
-        (
+        Ok((
             IndexThread {
                 db,
                 data_dir,
                 spool_lock,
+                syncer: sync_tx,
                 rx,
                 wake,
                 heartbeat: heartbeat.clone(),
@@ -584,7 +591,7 @@ impl IndexThread {
                 replaced: HashMap::new(),
             },
             IndexHandle { tx, heartbeat },
-        )
+        ))
     }
 
     /// Serves commits until every [`IndexHandle`] is dropped, then returns the database.
@@ -676,14 +683,13 @@ impl IndexThread {
             }
         };
         let mut results = Vec::with_capacity(commits.len());
-        let mut dirs = BTreeSet::new();
         let mut replaced = Vec::new();
         let mut woken = BTreeSet::new();
         let mut fatal = self.remove_markers(&txn).err();
         for (p, reply) in commits {
             let r = match &fatal {
                 Some(msg) => Err(Placement::Fatal(String::clone(msg))),
-                None => self.place(&txn, &p, &mut dirs),
+                None => self.place(&txn, &p),
             };
             match &r {
                 Ok(Placed::Stored) => {
@@ -704,24 +710,19 @@ impl IndexThread {
         let committed = match fatal {
             Some(msg) => Err(msg),
             None => {
-                // The directory fsyncs and the commit are independent flushes: run them at the
-                // same time and answer when both are done. A crash in between leaves rows
-                // whose rename may be lost: their `unsettled` markers cover that.
-                let (dirs_synced, commit) = std::thread::scope(|s| {
-                    let fsyncs = s.spawn(|| {
-                        dirs.iter().try_for_each(|d| {
-                            spool::fsync_dir(d)
-                                .map_err(|e| format!("fsync of {} failed: {e}", d.display()))
-                        })
-                    });
-                    let commit = txn
-                        .commit()
-                        .map_err(|e| format!("index commit failed: {e}"));
-                    let dirs_synced = fsyncs
-                        .join()
-                        .unwrap_or_else(|_| Err("directory fsync thread panicked".to_owned()));
-                    (dirs_synced, commit)
-                });
+                // The directory fsyncs (started by the syncer as each rename landed) and the
+                // commit are independent flushes: they run at the same time, and the answer
+                // waits for both. A crash in between leaves rows whose rename may be lost: their
+                // `unsettled` markers cover that.
+                let (done_tx, done_rx) = mpsc::sync_channel(1);
+                let barrier = self.syncer.send(SyncMsg::Barrier(done_tx));
+                let commit = txn
+                    .commit()
+                    .map_err(|e| format!("index commit failed: {e}"));
+                let dirs_synced = barrier
+                    .map_err(|_| ())
+                    .and_then(|()| done_rx.recv().map_err(|_| ()))
+                    .unwrap_or_else(|()| Err("the directory fsync thread stopped".to_owned()));
                 commit.and(dirs_synced)
             }
         };
@@ -753,12 +754,7 @@ impl IndexThread {
     }
 
     /// Moves one pending file into place (unless it is a duplicate) and writes its rows.
-    fn place(
-        &self,
-        txn: &WriteTransaction,
-        p: &Pending,
-        dirs: &mut BTreeSet<PathBuf>,
-    ) -> Result<Placed, Placement> {
+    fn place(&self, txn: &WriteTransaction, p: &Pending) -> Result<Placed, Placement> {
         let old = existing(txn, &p.record.sop_instance_uid).map_err(Placement::Fatal)?;
         if old
             .as_ref()
@@ -776,7 +772,9 @@ impl IndexThread {
             )));
         }
         if let Some(parent) = dest.parent() {
-            dirs.insert(parent.to_path_buf());
+            self.syncer
+                .send(SyncMsg::Dir(parent.to_path_buf()))
+                .map_err(|_| Placement::Fatal("the directory fsync thread stopped".into()))?;
         }
         put(txn, &p.record, old.as_ref()).map_err(Placement::Fatal)?;
         super::queue::enqueue(
@@ -797,6 +795,43 @@ impl IndexThread {
             Some(o) => Placed::Replaced(o.checksum),
             None => Placed::Stored,
         })
+    }
+}
+
+/// Work for the [`syncer`] thread.
+enum SyncMsg {
+    /// A file was renamed into this directory.
+    Dir(PathBuf),
+    /// Answer once every directory sent before this is fsynced (or with the first failure
+    /// since the previous barrier).
+    Barrier(mpsc::SyncSender<Result<(), String>>),
+}
+
+/// Fsyncs the directories the index thread renames files into, as the renames land, so that
+/// their flushes overlap the index work and commit of the same batch. Runs until the index
+/// thread drops its sender.
+fn syncer(rx: &mpsc::Receiver<SyncMsg>) {
+    let mut failure: Option<String> = None;
+    while let Ok(first) = rx.recv() {
+        let mut dirs = BTreeSet::new();
+        let mut barriers = Vec::new();
+        for msg in std::iter::once(first).chain(rx.try_iter()) {
+            match msg {
+                SyncMsg::Dir(d) => {
+                    dirs.insert(d);
+                }
+                SyncMsg::Barrier(done) => barriers.push(done),
+            }
+        }
+        // Every directory that came before a barrier is in this set or an earlier one.
+        for d in &dirs {
+            if let Err(e) = spool::fsync_dir(d) {
+                failure.get_or_insert_with(|| format!("fsync of {} failed: {e}", d.display()));
+            }
+        }
+        for done in barriers {
+            let _ = done.send(failure.take().map_or(Ok(()), Err));
+        }
     }
 }
 

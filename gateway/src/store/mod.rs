@@ -208,7 +208,8 @@ impl Store {
         let db = Arc::new(db);
         let spool_lock = index::SpoolLock::default();
         let (thread, handle) =
-            IndexThread::new(db.clone(), data_dir.to_path_buf(), spool_lock.clone(), wake);
+            IndexThread::new(db.clone(), data_dir.to_path_buf(), spool_lock.clone(), wake)
+                .map_err(io_err(data_dir))?;
         let fatal = on_fatal.clone();
         let thread = std::thread::Builder::new()
             .name("index".into())
