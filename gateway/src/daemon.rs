@@ -105,7 +105,8 @@ pub async fn run(
     log::info!(
         data_dir:% = config.gateway.data_dir.display(), clean = recovery.clean,
         temp_files_removed = recovery.temp_files_removed, reindexed = recovery.reindexed,
-        quarantined = recovery.quarantined, missing_files = recovery.missing_files,
+        incomplete_removed = recovery.incomplete_removed, quarantined = recovery.quarantined,
+        missing_files = recovery.missing_files,
         in_flight_returned = recovery.in_flight_returned,
         unacknowledged_dropped = recovery.unacknowledged_dropped;
         "store open"

@@ -119,6 +119,9 @@ pub struct Recovery {
     pub temp_files_removed: usize,
     pub reindexed: usize,
     pub quarantined: usize,
+    /// Spool files without a row whose content was incomplete: written during a crash, never
+    /// acknowledged, removed.
+    pub incomplete_removed: usize,
     pub missing_files: usize,
     pub in_flight_returned: usize,
     /// Rows committed just before a crash whose file never became durable (never acknowledged).
@@ -518,8 +521,9 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// After an unclean shutdown: index spool files that have no row, quarantine files whose content
-/// does not match their name, and report rows whose file is gone.
+/// After an unclean shutdown: index spool files that have no row, remove those whose content is
+/// incomplete (never acknowledged), quarantine those that cannot be indexed, and report rows
+/// whose file is gone.
 /// `replacing`: instances whose newest row was just verified ([`index::verify_unsettled`]); a
 /// file of theirs without a row is the version that row replaced, not a newer one.
 fn reconcile(
@@ -564,8 +568,15 @@ fn reconcile(
     drop(files);
     for (path, name_hash) in orphans {
         match reindex_file(db, data_dir, &path, &name_hash, router, replacing) {
-            Ok(true) => rec.reindexed += 1,
-            Ok(false) => {}
+            Ok(Orphan::Reindexed) => rec.reindexed += 1,
+            Ok(Orphan::Superseded) => {}
+            Ok(Orphan::Incomplete(reason)) => {
+                // No row: never acknowledged. The data flush and the rename run concurrently
+                // (module doc), so a crash can leave a final name over incomplete content.
+                let _ = std::fs::remove_file(&path);
+                log::warn!(path:% = path.display(), reason:% = reason; "removed an incomplete spool file of an instance that was never acknowledged (written when the previous run stopped)");
+                rec.incomplete_removed += 1;
+            }
             Err(reason) => {
                 let dest = spool::quarantine(data_dir, &path);
                 log::error!(path:% = path.display(), reason:% = reason, quarantined:? = dest.ok(); "spool file could not be re-indexed");
@@ -585,7 +596,7 @@ fn reconcile(
         })
         .map_err(idx)?;
     }
-    log::warn!(reindexed = rec.reindexed, quarantined = rec.quarantined, missing_files = rec.missing_files; "reconciliation finished");
+    log::warn!(reindexed = rec.reindexed, incomplete_removed = rec.incomplete_removed, quarantined = rec.quarantined, missing_files = rec.missing_files; "reconciliation finished");
     Ok(())
 }
 
@@ -596,16 +607,19 @@ fn reindex_file(
     name_hash: &Hash,
     router: &Router,
     replacing: &HashSet<String>,
-) -> Result<bool, String> {
-    let (meta, offset, hash, size) = spool::hash_dataset(path).map_err(|e| e.to_string())?;
+) -> Result<Orphan, String> {
+    let (meta, offset, hash, size) = match spool::hash_dataset(path) {
+        Ok(v) => v,
+        Err(e) => return Ok(Orphan::Incomplete(e.to_string())),
+    };
     if &hash != name_hash {
-        return Err("content does not match its name (damaged file)".into());
+        return Ok(Orphan::Incomplete("content does not match its name".into()));
     }
     if replacing.contains(&meta.sop_instance_uid) {
         // Replaced by the verified row; its deletion was due once that row was settled.
         let _ = std::fs::remove_file(path);
         log::info!(sop_instance_uid:% = meta.sop_instance_uid; "removed the replaced version of an instance");
-        return Ok(false);
+        return Ok(Orphan::Superseded);
     }
     let mut f = File::open(path).map_err(|e| e.to_string())?;
     f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
@@ -638,7 +652,17 @@ fn reindex_file(
         let _ = std::fs::remove_file(data_dir.join(spool::relative_path(&old.checksum)));
     }
     log::info!(sop_instance_uid:% = record.sop_instance_uid; "re-indexed spool file found without index row");
-    Ok(true)
+    Ok(Orphan::Reindexed)
+}
+
+/// What became of a spool file found without an index row.
+enum Orphan {
+    /// Complete: indexed and queued (a crash between rename and commit).
+    Reindexed,
+    /// The older version of an instance whose newer one was verified: removed.
+    Superseded,
+    /// Unreadable or not matching its name: it was being flushed when the run stopped.
+    Incomplete(String),
 }
 
 /// Opens the index of a data directory for reading while no daemon runs (CLI `instances`).
