@@ -1234,14 +1234,14 @@ fn wan_row(ctx: &Ctx, notes: &mut Vec<String>) -> Res<Row> {
         arm_or_skip(
             tools,
             Peer::DcmtkFork,
-            "dicom-gateway, max_associations = 2",
-            move || drain_gateway_once(ctx, set, 2, Peer::DcmtkFork, Some(wr)).map(mbit),
+            "dicom-gateway, max_associations = 4 (default)",
+            move || drain_gateway_once(ctx, set, 4, Peer::DcmtkFork, Some(wr)).map(mbit),
         ),
         arm_or_skip(
             tools,
             Peer::DcmtkFork,
-            "dicom-gateway, max_associations = 4 (default)",
-            move || drain_gateway_once(ctx, set, 4, Peer::DcmtkFork, Some(wr)).map(mbit),
+            "dicom-gateway, max_associations = 2",
+            move || drain_gateway_once(ctx, set, 2, Peer::DcmtkFork, Some(wr)).map(mbit),
         ),
         arm_or_skip(
             tools,
@@ -1272,7 +1272,7 @@ fn wan_row(ctx: &Ctx, notes: &mut Vec<String>) -> Res<Row> {
             w.dropped.load(std::sync::atomic::Ordering::Relaxed)
         ));
     }
-    let verdict = match (cs[0].median(), cs[1].median(), cs[2].median()) {
+    let verdict = match (cs[1].median(), cs[0].median(), cs[2].median()) {
         (Some(d), Some(f), Some(e)) => Some((
             f >= 90.0,
             format!(
