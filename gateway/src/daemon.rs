@@ -104,11 +104,11 @@ pub async fn run(
     .context(OpenStoreSnafu)?;
     log::info!(
         data_dir:% = config.gateway.data_dir.display(), clean = recovery.clean,
-        temp_files_removed = recovery.temp_files_removed, reindexed = recovery.reindexed,
-        incomplete_removed = recovery.incomplete_removed, quarantined = recovery.quarantined,
-        missing_files = recovery.missing_files,
-        in_flight_returned = recovery.in_flight_returned,
-        unacknowledged_dropped = recovery.unacknowledged_dropped;
+        reindexed = recovery.reindexed, skipped = recovery.skipped,
+        tail_bytes_removed = recovery.tail_bytes_removed,
+        segments_removed = recovery.segments_removed,
+        missing_records = recovery.missing_records,
+        in_flight_returned = recovery.in_flight_returned;
         "store open"
     );
     let mut forwarding =
@@ -116,7 +116,7 @@ pub async fn run(
     let background_stop = CancellationToken::new();
     let evictor = tokio::spawn(evict_loop(
         store.db().clone(),
-        store.spool_lock().clone(),
+        store.pool().clone(),
         live_config.clone(),
         background_stop.clone(),
     ));
@@ -407,7 +407,7 @@ const EVICT_EVERY: Duration = Duration::from_secs(10);
 
 async fn evict_loop(
     db: Arc<redb::Database>,
-    spool_lock: store::index::SpoolLock,
+    pool: Arc<store::segment::Pool>,
     config: Live<Config>,
     stop: CancellationToken,
 ) {
@@ -416,11 +416,11 @@ async fn evict_loop(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(EVICT_EVERY) => {}
         }
-        let (db, lock, cfg) = (db.clone(), spool_lock.clone(), config.get());
+        let (db, pool, cfg) = (db.clone(), pool.clone(), config.get());
         let r = tokio::task::spawn_blocking(move || {
             store::evict::run_once(
                 &db,
-                &lock,
+                &pool,
                 &cfg.gateway.data_dir,
                 &cfg.cache,
                 cfg.gateway.min_free_disk_bytes,

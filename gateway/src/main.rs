@@ -47,6 +47,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write stored instances out as DICOM Part 10 files, each checked against its checksum
+    /// (the gateway must be stopped). With a SOP Instance UID: that one, to the file --out;
+    /// without: every instance, into the directory --out as <SOP Instance UID>.dcm.
+    Export {
+        /// Config file naming the data directory.
+        #[arg(long, short, conflicts_with = "data_dir")]
+        config: Option<PathBuf>,
+        /// Data directory, instead of --config.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// SOP Instance UID of the instance; without it, all.
+        sop_instance_uid: Option<String>,
+        /// File to write (it must not exist), or the directory for all instances.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// List the records in the segment files and whether each is intact (reads only the
+    /// segments: works while the gateway runs).
+    Segments {
+        /// Config file naming the data directory.
+        #[arg(long, short, conflicts_with = "data_dir")]
+        config: Option<PathBuf>,
+        /// Data directory, instead of --config.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the DICOM Conformance Statement of this version (Markdown).
     Conformance,
     /// Show the running gateway: associations, destinations, queue depth, disk.
@@ -183,6 +212,17 @@ fn main() -> ExitCode {
             data_dir,
             json,
         } => instances(config, data_dir, json),
+        Command::Export {
+            config,
+            data_dir,
+            sop_instance_uid,
+            out,
+        } => export(config, data_dir, sop_instance_uid.as_deref(), &out),
+        Command::Segments {
+            config,
+            data_dir,
+            json,
+        } => segments(config, data_dir, json),
         Command::Conformance => {
             print!("{}", dicom_gateway::conformance::statement());
             ExitCode::SUCCESS
@@ -504,17 +544,129 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-fn instances(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> ExitCode {
-    let data_dir = match (config, data_dir) {
-        (_, Some(d)) => d,
+/// The data directory named by `--data-dir`, the config file, or the embedded default.
+fn resolve_data_dir(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+) -> Result<PathBuf, ExitCode> {
+    match (config, data_dir) {
+        (_, Some(d)) => Ok(d),
         (Some(c), None) => match Config::load(&c) {
-            Ok(c) => c.gateway.data_dir,
+            Ok(c) => Ok(c.gateway.data_dir),
             Err(e) => {
                 eprintln!("error: {e}");
-                return ExitCode::FAILURE;
+                Err(ExitCode::FAILURE)
             }
         },
-        (None, None) => Config::embedded_default().gateway.data_dir,
+        (None, None) => Ok(Config::embedded_default().gateway.data_dir),
+    }
+}
+
+fn export(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    sop_instance_uid: Option<&str>,
+    out: &std::path::Path,
+) -> ExitCode {
+    let data_dir = match resolve_data_dir(config, data_dir) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let Some(sop_instance_uid) = sop_instance_uid else {
+        return match dicom_gateway::store::export_all(&data_dir, out) {
+            Ok(n) => {
+                println!("wrote {n} instance(s) to {}", out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    };
+    let file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: cannot create {}: {e}", out.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    use std::io::Write as _;
+    let mut w = std::io::BufWriter::new(file);
+    let r = dicom_gateway::store::export(&data_dir, sop_instance_uid, &mut w)
+        .and_then(|n| w.flush().map(|()| n).map_err(|e| e.to_string()));
+    match r {
+        Ok(n) => {
+            println!("wrote {} ({n} bytes)", out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            drop(w);
+            let _ = std::fs::remove_file(out);
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn segments(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> ExitCode {
+    let data_dir = match resolve_data_dir(config, data_dir) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let records = match dicom_gateway::store::list_records(&data_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        let v: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "segment": r.location.segment,
+                    "offset": r.location.offset,
+                    "length": r.location.end() - r.location.offset,
+                    "intact": r.sop_instance_uid.is_some(),
+                    "sop_instance_uid": r.sop_instance_uid,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else {
+        println!(
+            "{:>16}  {:>12}  {:>12}  {:<7}  SOP INSTANCE UID",
+            "SEGMENT", "OFFSET", "BYTES", "INTACT"
+        );
+        for r in &records {
+            println!(
+                "{:>16x}  {:>12}  {:>12}  {:<7}  {}",
+                r.location.segment,
+                r.location.offset,
+                r.location.end() - r.location.offset,
+                if r.sop_instance_uid.is_some() {
+                    "yes"
+                } else {
+                    "no"
+                },
+                r.sop_instance_uid.as_deref().unwrap_or("-")
+            );
+        }
+        println!("{} record(s)", records.len());
+    }
+    ExitCode::SUCCESS
+}
+
+fn instances(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> ExitCode {
+    let data_dir = match resolve_data_dir(config, data_dir) {
+        Ok(d) => d,
+        Err(code) => return code,
     };
     let rows = match dicom_gateway::store::read_instances(&data_dir) {
         Ok(r) => r,
@@ -538,7 +690,8 @@ fn instances(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> 
                     "checksum": spool::hex(&r.checksum),
                     "calling_ae": r.calling_ae,
                     "received_at_ms": r.received_at_ms,
-                    "path": spool::relative_path(&r.checksum),
+                    "segment": r.location.segment,
+                    "offset": r.location.offset,
                 })
             })
             .collect();

@@ -75,7 +75,7 @@ fn garbage_instead_of_a_pdu_is_dropped() {
     assert_closed(&mut c, "zeros");
 
     gw.assert_echo_ok();
-    assert!(gw.tmp_files().is_empty());
+    assert!(gw.unfinished_records().is_empty());
 }
 
 #[test]
@@ -171,16 +171,16 @@ fn transfer_cut_off_mid_dataset_stores_nothing() {
     partial.extend_from_slice(&[1, 0x00]);
     partial.extend_from_slice(&dataset[dataset.len() / 2..dataset.len() / 2 + 1024]);
     c.send(&partial).expect("send truncated PDU");
-    // Give the gateway time to write what it got to tmp/ before the connection ends.
+    // Give the gateway time to write what it got to its segment before the connection ends.
     std::thread::sleep(Duration::from_millis(200));
     drop(c);
 
-    gw.assert_tmp_empty_within(Duration::from_secs(10));
+    gw.assert_no_unfinished_within(Duration::from_secs(10));
     gw.assert_echo_ok();
     assert!(
-        gw.spool_files().is_empty(),
+        gw.stored_records().is_empty(),
         "a cut-off instance was spooled: {:?}",
-        gw.spool_files()
+        gw.stored_records()
     );
 
     gw.stop();
@@ -195,7 +195,7 @@ fn transfer_cut_off_mid_dataset_stores_nothing() {
         .assert_success();
     gw.stop();
     let rows = gw.instances();
-    common::assert_stored(&gw.data_dir(), &rows, &[info], "STORESCU");
+    common::assert_stored(&gw, &rows, &[info], "STORESCU");
 }
 
 #[test]
@@ -258,7 +258,7 @@ fn silent_connections_are_closed_after_the_timeouts() {
         closed.pdus.iter().all(|p| matches!(p, Pdu::Abort { .. })),
         "{closed:?}"
     );
-    gw.assert_tmp_empty_within(Duration::from_secs(5));
+    gw.assert_no_unfinished_within(Duration::from_secs(5));
 
     gw.assert_echo_ok();
     gw.stop();

@@ -1,15 +1,15 @@
 //! Crash safety of the acknowledgement (DESIGN.md section 2): an instance answered with
 //! C-STORE-RSP Success survives a SIGKILL of the daemon at any moment.
 //!
-//! Guards against: Success sent before the spool file is renamed into place or before the
-//! index commit has returned; a group commit that answers instances it did not contain; start-up
-//! recovery that loses committed rows or leaves temporary files; a restart that refuses
-//! duplicates of instances that were stored but not acknowledged.
+//! Guards against: Success sent before the segment record is flushed or before the index commit
+//! has returned; a group commit that answers instances it did not contain; start-up recovery
+//! that loses rows or leaves unfinished records; a restart that refuses duplicates of instances
+//! that were stored but not acknowledged.
 //!
 //! storescu (`-v`) sends a batch of small CT images; after a random delay (50 to 800 ms, from
 //! a printed seed; set `DGW_CRASH_SEED` to replay) the gateway is SIGKILLed. Every file
-//! storescu saw answered with Success must then be in the index with its checksum, and tmp/
-//! must be empty after the restart. Unacknowledged files are sent again in the next round.
+//! storescu saw answered with Success must then be in the index with its checksum and be
+//! exported byte for byte, and no unfinished record may be left after the restart. Unacknowledged files are sent again in the next round.
 //! The batch grows while storescu finishes before the kill, so most kills land mid-transfer.
 //!
 //! Limitation: a SIGKILL leaves the kernel's page cache intact, so this checks the order of
@@ -108,16 +108,18 @@ fn acknowledged_instances_survive_sigkill() {
             }
         );
 
-        // Recovery: READY only after tmp/ is emptied and the index reconciled.
+        // Recovery: READY only after unfinished records are cut and the index brought up to the
+        // segments.
         gw.restart();
-        let left = gw.tmp_files();
+        let left = gw.unfinished_records();
         assert!(
             left.is_empty(),
-            "kill {kill}: tmp/ not empty after recovery: {left:?}"
+            "kill {kill}: unfinished records after recovery: {left:?}"
         );
         gw.stop();
 
         let rows = gw.instances();
+        let exported = gw.export_all();
         let row_of: HashMap<&str, &common::InstanceJson> = rows
             .iter()
             .map(|r| (r.sop_instance_uid.as_str(), r))
@@ -139,7 +141,10 @@ fn acknowledged_instances_survive_sigkill() {
                         r.size, r.checksum, info.size, info.checksum
                     ))
                 }
-                Some(r) => common::assert_spool_file(&gw.data_dir(), r),
+                Some(r) => common::assert_exported_file(
+                    &exported.join(format!("{}.dcm", r.sop_instance_uid)),
+                    r,
+                ),
             }
         }
         // Rows of instances that were received but not yet acknowledged must be intact too.
@@ -197,5 +202,5 @@ fn acknowledged_instances_survive_sigkill() {
         expected.len(),
         "every generated instance exactly once"
     );
-    common::assert_stored(&gw.data_dir(), &rows, &expected, "STORESCU");
+    common::assert_stored(&gw, &rows, &expected, "STORESCU");
 }

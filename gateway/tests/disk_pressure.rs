@@ -206,7 +206,7 @@ fn full_disk_refuses_with_a700_keeps_what_was_acknowledged_and_recovers() {
             .is_some(),
         "the gateway should log that the reserve was reached"
     );
-    s.gw.assert_tmp_empty_within(Duration::from_secs(10));
+    s.gw.assert_no_unfinished_within(Duration::from_secs(10));
     let st = status(&s.gw);
     assert_eq!(
         counts(&st, "pacs").pending,
@@ -229,9 +229,13 @@ fn full_disk_refuses_with_a700_keeps_what_was_acknowledged_and_recovers() {
         acked.len(),
         "exactly the acknowledged instances are indexed"
     );
-    assert_stored(&s.gw.data_dir(), &rows, &acked, "STORESCU");
-    assert_eq!(s.gw.spool_files().len(), acked.len(), "one spool file each");
-    assert!(s.gw.tmp_files().is_empty(), "tmp/ is empty");
+    assert_stored(&s.gw, &rows, &acked, "STORESCU");
+    assert_eq!(
+        s.gw.stored_records().len(),
+        acked.len(),
+        "one intact record each"
+    );
+    assert!(s.gw.unfinished_records().is_empty(), "no unfinished record");
 
     // Phase 2: the PACS comes back; the queue drains, eviction frees space, sends succeed.
     s.gw.restart();

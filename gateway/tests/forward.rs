@@ -395,7 +395,7 @@ fn gateway_killed_repeatedly_during_a_drain_loses_nothing() {
         N as usize,
         "the index should hold every instance"
     );
-    assert_stored(&gw.data_dir(), &rows, &sent, "STORESCU");
+    assert_stored(&gw, &rows, &sent, "STORESCU");
     eprintln!(
         "[figures] gateway SIGKILLed 5x during a drain of {N}: Orthanc count at each kill \
          {at_kill:?}; drained in {took:.2?} including restarts; {attempts} send attempts for {N} \

@@ -213,9 +213,9 @@ fn sigterm_during_a_transfer_loses_no_acknowledged_instance() {
         );
     }
     assert!(
-        gw.tmp_files().is_empty(),
+        gw.unfinished_records().is_empty(),
         "half-written files left: {:?}",
-        gw.tmp_files()
+        gw.unfinished_records()
     );
     eprintln!(
         "SIGTERM mid-transfer: {} acknowledged, {} indexed, 0 lost",

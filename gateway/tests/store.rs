@@ -45,7 +45,7 @@ fn ct_series_is_stored_byte_exact_and_indexed() {
     let expected: Vec<FileInfo> = files.iter().map(|f| data::as_sent_by_storescu(f)).collect();
 
     store_all(&gw, "-xe", &files);
-    gw.assert_tmp_empty_within(Duration::from_secs(5));
+    gw.assert_no_unfinished_within(Duration::from_secs(5));
 
     let busy = gw.instances_output();
     assert!(
@@ -61,16 +61,20 @@ fn ct_series_is_stored_byte_exact_and_indexed() {
     );
     let rows = gw.instances();
     assert_eq!(rows.len(), 20, "{rows:#?}");
-    assert_stored(&gw.data_dir(), &rows, &expected, "STORESCU");
-    assert_eq!(gw.spool_files().len(), 20, "one spool file per instance");
+    assert_stored(&gw, &rows, &expected, "STORESCU");
+    assert_eq!(
+        gw.stored_records().len(),
+        20,
+        "one intact record per instance"
+    );
     assert!(
-        gw.tmp_files().is_empty(),
-        "tmp/ after stop: {:?}",
-        gw.tmp_files()
+        gw.unfinished_records().is_empty(),
+        "unfinished records after stop: {:?}",
+        gw.unfinished_records()
     );
 
-    // DCMTK reads the gateway's spool file as a whole DICOM file.
-    let spool = gw.data_dir().join(&rows[0].path);
+    // DCMTK reads an exported instance as a whole DICOM file.
+    let spool = gw.export(&rows[0].sop_instance_uid);
     let mut cmd = std::process::Command::new(common::dcmtk("dcmdump"));
     cmd.arg("-q")
         .arg("+P")
@@ -110,15 +114,15 @@ fn every_transfer_syntax_is_stored_as_sent() {
     let pdf = data::encapsulated_pdf(&dir.join("report.dcm"));
     store_all(&gw, "-xe", std::slice::from_ref(&pdf));
     expected.push(data::as_sent_by_storescu(&pdf));
-    gw.assert_tmp_empty_within(Duration::from_secs(5));
+    gw.assert_no_unfinished_within(Duration::from_secs(5));
 
     gw.stop();
     let rows = gw.instances();
     assert_eq!(rows.len(), expected.len(), "{rows:#?}");
-    assert_stored(&gw.data_dir(), &rows, &expected, "STORESCU");
-    // An independent reader (dicom-object) parses every spool file, whatever its syntax.
+    assert_stored(&gw, &rows, &expected, "STORESCU");
+    // An independent reader (dicom-object) parses every exported instance, whatever its syntax.
     for r in &rows {
-        let info = data::inspect(&gw.data_dir().join(&r.path));
+        let info = data::inspect(&gw.export(&r.sop_instance_uid));
         assert_eq!(info.sop_instance_uid, r.sop_instance_uid);
         assert_eq!(info.study_instance_uid, r.study_instance_uid);
     }
@@ -142,7 +146,7 @@ fn storescu_conversion_is_stored_in_the_negotiated_syntax() {
     gw.stop();
     let rows = gw.instances();
     assert_eq!(rows.len(), 2, "{rows:#?}");
-    assert_stored(&gw.data_dir(), &rows, &expected, "STORESCU");
+    assert_stored(&gw, &rows, &expected, "STORESCU");
 }
 
 #[test]
@@ -162,12 +166,12 @@ fn duplicate_instance_is_acknowledged_and_stored_once() {
     gw.stop();
     let rows = gw.instances();
     assert_eq!(rows.len(), 2, "a duplicate must not add a row: {rows:#?}");
-    assert_stored(&gw.data_dir(), &rows, &expected, "STORESCU");
+    assert_stored(&gw, &rows, &expected, "STORESCU");
     assert_eq!(
-        gw.spool_files().len(),
+        gw.stored_records().len(),
         2,
-        "a duplicate must not add a spool file: {:?}",
-        gw.spool_files()
+        "a duplicate must not add an intact record: {:?}",
+        gw.stored_records()
     );
 }
 
@@ -205,12 +209,12 @@ fn concurrent_associations_are_all_stored() {
             out.describe()
         );
     }
-    gw.assert_tmp_empty_within(Duration::from_secs(5));
+    gw.assert_no_unfinished_within(Duration::from_secs(5));
 
     gw.stop();
     let rows = gw.instances();
     assert_eq!(rows.len(), CLIENTS * PER_CLIENT as usize);
-    assert_stored(&gw.data_dir(), &rows, &expected, "STORESCU");
+    assert_stored(&gw, &rows, &expected, "STORESCU");
 }
 
 #[test]
@@ -238,15 +242,10 @@ fn multiframe_200mb_is_streamed_with_bounded_memory() {
          the dataset must be streamed to disk, not held in memory",
         expected.size
     );
-    gw.assert_tmp_empty_within(Duration::from_secs(5));
+    gw.assert_no_unfinished_within(Duration::from_secs(5));
 
     gw.stop();
     let rows = gw.instances();
     assert_eq!(rows.len(), 1, "{rows:#?}");
-    assert_stored(
-        &gw.data_dir(),
-        &rows,
-        std::slice::from_ref(&expected),
-        "STORESCU",
-    );
+    assert_stored(&gw, &rows, std::slice::from_ref(&expected), "STORESCU");
 }

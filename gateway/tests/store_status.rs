@@ -76,7 +76,7 @@ fn command_and_dataset_mismatch_is_refused_with_a900() {
         "consistent C-STORE after two refusals",
     );
     assert_eq!(c.release(), Pdu::ReleaseRp);
-    gw.assert_tmp_empty_within(Duration::from_secs(5));
+    gw.assert_no_unfinished_within(Duration::from_secs(5));
 
     gw.stop();
     let rows = gw.instances();
@@ -86,8 +86,8 @@ fn command_and_dataset_mismatch_is_refused_with_a900() {
         "only the consistent instance may be indexed: {rows:#?}"
     );
     assert!(rows.iter().all(|r| r.sop_instance_uid != other_uid));
-    assert_stored(&gw.data_dir(), &rows, &[info], "RAW");
-    assert_eq!(gw.spool_files().len(), 1, "{:?}", gw.spool_files());
+    assert_stored(&gw, &rows, &[info], "RAW");
+    assert_eq!(gw.stored_records().len(), 1, "{:?}", gw.stored_records());
 }
 
 #[test]
@@ -123,15 +123,15 @@ fn unparseable_dataset_is_refused_with_c000() {
         "the association must survive a C000",
     );
     assert_eq!(c.release(), Pdu::ReleaseRp);
-    gw.assert_tmp_empty_within(Duration::from_secs(5));
+    gw.assert_no_unfinished_within(Duration::from_secs(5));
     gw.assert_echo_ok();
 
     gw.stop();
     assert!(gw.instances().is_empty(), "nothing may be indexed");
     assert!(
-        gw.spool_files().is_empty(),
+        gw.stored_records().is_empty(),
         "nothing may be spooled: {:?}",
-        gw.spool_files()
+        gw.stored_records()
     );
 }
 
@@ -175,11 +175,11 @@ fn disk_reserve_refuses_with_a700_until_space_returns() {
         "the association must survive an A700",
     );
     assert_eq!(c.release(), Pdu::ReleaseRp);
-    gw.assert_tmp_empty_within(Duration::from_secs(5));
+    gw.assert_no_unfinished_within(Duration::from_secs(5));
     assert!(
-        gw.spool_files().is_empty(),
+        gw.stored_records().is_empty(),
         "refused instances were spooled: {:?}",
-        gw.spool_files()
+        gw.stored_records()
     );
 
     gw.stop();
@@ -199,5 +199,5 @@ fn disk_reserve_refuses_with_a700_until_space_returns() {
     gw.stop();
     let rows = gw.instances();
     assert_eq!(rows.len(), 2);
-    assert_stored(&gw.data_dir(), &rows, &expected, "STORESCU");
+    assert_stored(&gw, &rows, &expected, "STORESCU");
 }

@@ -24,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Destination;
+use crate::store::now_ms;
 use crate::store::queue::{self, Completion, Lease};
-use crate::store::{now_ms, spool};
+use crate::store::spool::SpoolSlice;
 use status::Disposition;
 use upstream::{Offer, Upstream};
 
@@ -417,10 +418,10 @@ impl Worker {
                 continue;
             }
             unrecorded_bytes += r.size;
-            let path = self.data_dir.join(spool::relative_path(&r.checksum));
+            let source = SpoolSlice::of(&self.data_dir, &r.location);
             // PS3.7 section 9.1.1.1: Priority HIGH = 0x0001, MEDIUM = 0x0000.
             let priority = if lease.rank == 0 { 0x0001 } else { 0x0000 };
-            let (outcome, stop_batch) = match c.store(&path, priority).await {
+            let (outcome, stop_batch) = match c.store(&source, priority).await {
                 Ok(rsp) => {
                     let status = rsp.status;
                     let text = || status::describe_response(status, rsp.comment.as_deref());

@@ -32,9 +32,9 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,7 +56,7 @@ use crate::association::dimse::{self, Command, C_ECHO_RQ, C_STORE_RQ, RESPONSE_B
 use crate::association::pdu::{self, Frame, FrameError, PduReader};
 use crate::config::{AeTitle, Destination, DestinationTls};
 use crate::sop;
-use crate::store::spool::{self, FileMeta};
+use crate::store::spool::{self, FileMeta, SpoolSlice};
 use crate::tls;
 use crate::uid::{self, APPLICATION_CONTEXT, IMPLICIT_VR_LE, VERIFICATION};
 
@@ -639,18 +639,19 @@ impl Upstream {
     /// from the file after its file meta group; it is never in memory as a whole.
     pub async fn store(
         &mut self,
-        path: &Path,
+        source: impl Into<SpoolSlice>,
         priority: u16,
     ) -> Result<StoreResponse, UpstreamError> {
         self.check_usable()?;
+        let source = source.into();
         let peer = self.peer.clone();
-        let file_error = |source, association_lost| UpstreamError::File {
+        let file_error = |e, association_lost| UpstreamError::File {
             peer: peer.clone(),
-            path: path.to_owned(),
-            source,
+            path: source.path.clone(),
+            source: e,
             association_lost,
         };
-        let (file, meta, len) = open_spool(path.to_owned())
+        let (file, meta, len) = open_spool(source.clone())
             .await
             .map_err(|e| file_error(e, false))?;
         let Some(ctx) = self.context_for(&meta.sop_class_uid, &meta.transfer_syntax) else {
@@ -1215,12 +1216,16 @@ fn apply_ac(contexts: &mut [ProposedContext], ac: &AssociationAC) -> Result<u32,
     }
 }
 
-/// Opens a spool file and reads its file meta group (off the runtime). Returns the file
-/// positioned at the dataset, the meta, and the dataset length.
-async fn open_spool(path: PathBuf) -> io::Result<(std::fs::File, FileMeta, u64)> {
+/// Opens a spooled Part 10 file and reads its file meta group (off the runtime). Returns the
+/// file positioned at the dataset, the meta, and the dataset length.
+async fn open_spool(source: SpoolSlice) -> io::Result<(std::fs::File, FileMeta, u64)> {
     tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::File::open(&path)?;
-        let size = file.metadata()?.len();
+        let mut file = std::fs::File::open(&source.path)?;
+        let size = match source.len {
+            Some(n) => n,
+            None => file.metadata()?.len().saturating_sub(source.offset),
+        };
+        file.seek(io::SeekFrom::Start(source.offset))?;
         let (meta, offset) = spool::read_header(&mut file)?;
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
         if uid::validate(&meta.sop_class_uid).is_none()

@@ -5,21 +5,21 @@
 //! destination (configured now or in the past) is never evicted; a study with such an instance
 //! is skipped whole. The check and the deletion happen in one write transaction.
 //!
-//! Files are deleted after the commit, under the [`SpoolLock`], and only if no committed row
-//! names them by then: an identical instance received again meanwhile has the same file name
-//! (content hash) and keeps its file. A crash between commit and deletion leaves files without
-//! rows, which the next start re-indexes (and queues again): a duplicate delivery at worst,
-//! never a loss.
+//! The rows go in one durable commit; then the space of their segment records is freed (hole
+//! punching: the segment keeps its length) and segments without rows are deleted. An
+//! instance received again meanwhile gets a record of its own, so freeing the old one cannot
+//! touch it. The freed records lie before their segment's durable `indexed_end`, so recovery
+//! never reads them.
 
 use std::collections::HashSet;
 use std::path::Path;
 
 use redb::Database;
 
-use super::index::{self, IndexResult, SpoolLock};
+use super::index::{self, IndexResult};
 #[cfg(test)]
 use super::CommitOutcome;
-use super::{now_ms, queue, spool};
+use super::{now_ms, queue, segment};
 use crate::config::Cache;
 
 /// Instances looked at per scan step.
@@ -49,12 +49,14 @@ pub struct Evicted {
 /// below twice that, so that ingest can resume.
 pub fn run_once(
     db: &Database,
-    spool_lock: &SpoolLock,
+    pool: &segment::Pool,
     data_dir: &Path,
     cache: &Cache,
     min_free: u64,
 ) -> IndexResult<Evicted> {
     let mut done = Evicted::default();
+    // Segments emptied by replaced versions and duplicates, or by the last pass.
+    super::reap(db, data_dir, &|id| pool.is_open(id))?;
     let needs_space = |data_dir: &Path, low: bool| -> bool {
         match disk_use(data_dir) {
             Ok((pct, free)) => {
@@ -96,7 +98,7 @@ pub fn run_once(
             if !seen_studies.insert(study.clone()) {
                 continue;
             }
-            match evict_study(db, spool_lock, data_dir, &study, &dests)? {
+            match evict_study(db, pool, data_dir, &study, &dests)? {
                 Some((n, bytes)) => {
                     done.studies += 1;
                     done.instances += n;
@@ -117,7 +119,7 @@ pub fn run_once(
 /// or `None` if the study is held.
 fn evict_study(
     db: &Database,
-    spool_lock: &SpoolLock,
+    pool: &segment::Pool,
     data_dir: &Path,
     study: &str,
     dests: &[String],
@@ -125,7 +127,8 @@ fn evict_study(
     let Some(records) = remove_rows(db, study, dests)? else {
         return Ok(None);
     };
-    let bytes = delete_files(db, spool_lock, data_dir, &records)?;
+    let bytes = free_records(data_dir, &records);
+    super::reap(db, data_dir, &|id| pool.is_open(id))?;
     Ok(Some((records.len() as u64, bytes)))
 }
 
@@ -156,28 +159,35 @@ fn remove_rows(
     Ok(Some(records))
 }
 
-/// Deletes the files of removed rows that no committed row names (again); returns the bytes
-/// freed.
-fn delete_files(
-    db: &Database,
-    spool_lock: &SpoolLock,
-    data_dir: &Path,
-    records: &[index::InstanceRecord],
-) -> IndexResult<u64> {
+/// Frees the space of the records of removed rows; returns their bytes. A failure only costs
+/// space until the segment is deleted, so it is logged, not returned.
+fn free_records(data_dir: &Path, records: &[index::InstanceRecord]) -> u64 {
     let mut bytes = 0;
-    let _placing = spool_lock
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut open: Option<(u64, std::fs::File)> = None;
     for r in records {
-        if index::has_file(db, &r.checksum)? {
-            // Received again (same bytes) since the rows were removed: the file is live.
-            continue;
+        let loc = r.location;
+        if open.as_ref().is_none_or(|(id, _)| *id != loc.segment) {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .open(segment::segment_path(data_dir, loc.segment))
+            {
+                Ok(f) => open = Some((loc.segment, f)),
+                Err(e) => {
+                    log::warn!(segment = loc.segment, error:% = e; "cannot open a segment to free evicted records");
+                    open = None;
+                    continue;
+                }
+            }
         }
-        let path = data_dir.join(spool::relative_path(&r.checksum));
-        bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
-        let _ = std::fs::remove_file(&path);
+        let Some((_, f)) = &open else { continue };
+        match segment::punch(f, loc.offset, loc.end() - loc.offset) {
+            Ok(()) => bytes += loc.end() - loc.offset,
+            Err(e) => {
+                log::warn!(segment = loc.segment, error:% = e; "cannot free the space of an evicted record");
+            }
+        }
     }
-    Ok(bytes)
+    bytes
 }
 
 #[cfg(test)]
@@ -185,11 +195,11 @@ mod tests {
     use super::*;
     use crate::store::tests::{dataset, incoming, open};
 
-    /// The race the spool lock closes: eviction removes the rows of a study, the same bytes
-    /// arrive again and are acknowledged (same content-hash file name), then eviction reaches
-    /// its deletions. The re-sent instance must keep its file.
+    /// An identical instance re-sent while its study is being evicted is acknowledged again
+    /// (eviction removed its rows first); freeing the evicted records must not touch its new
+    /// record, and the emptied segment must survive while it holds that record.
     #[tokio::test(flavor = "multi_thread")]
-    async fn a_file_received_again_during_eviction_is_not_deleted() {
+    async fn an_instance_received_again_during_eviction_keeps_its_record() {
         let dir = tempfile::tempdir().unwrap();
         let (store, rt, _) = open(dir.path(), &[]);
         for sop in ["1.9.1", "1.9.2"] {
@@ -203,24 +213,27 @@ mod tests {
         i.write(&dataset("1.9.1")).unwrap();
         assert_eq!(i.finish().await.unwrap().outcome, CommitOutcome::Stored);
 
-        let freed = delete_files(store.db(), store.spool_lock(), dir.path(), &records).unwrap();
-        let path = |sop: &str| {
-            let r = records.iter().find(|r| r.sop_instance_uid == sop).unwrap();
-            dir.path().join(spool::relative_path(&r.checksum))
-        };
-        assert!(
-            path("1.9.1").exists(),
-            "acknowledged instance lost its file"
-        );
-        assert!(!path("1.9.2").exists(), "evicted file left behind");
-        assert_eq!(freed, std::fs::metadata(path("1.9.1")).unwrap().len());
-        let (_, _, hash, _) = spool::hash_dataset(&path("1.9.1")).unwrap();
+        let freed = free_records(dir.path(), &records);
+        let expected: u64 = records
+            .iter()
+            .map(|r| r.location.end() - r.location.offset)
+            .sum();
+        assert_eq!(freed, expected);
+        for r in &records {
+            assert!(
+                crate::store::tests::read_dataset(dir.path(), r).is_err(),
+                "evicted record still readable"
+            );
+        }
+        let now = index::get(store.db().as_ref(), "1.9.1").unwrap().unwrap();
         assert_eq!(
-            Some(hash),
-            index::get(store.db().as_ref(), "1.9.1")
-                .unwrap()
-                .map(|r| r.checksum)
+            crate::store::tests::read_dataset(dir.path(), &now).unwrap(),
+            dataset("1.9.1"),
+            "acknowledged instance lost its bytes"
         );
+        // Only the re-sent instance is live: the segment stays even when closed.
+        super::super::reap(store.db(), dir.path(), &|_| false).unwrap();
+        assert!(segment::segment_path(dir.path(), now.location.segment).exists());
         drop(store);
         rt.close().unwrap();
     }

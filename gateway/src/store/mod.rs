@@ -1,42 +1,41 @@
-//! The durable store: spool files plus the redb index.
+//! The durable store: segment records plus the redb index.
 //!
 //! # Durability contract
 //!
-//! [`Ingest::finish`] returns `Ok` only after all of these have returned:
-//! 1. the dataset bytes, behind a Part 10 preamble and file meta group, were written to a
-//!    temporary file under `tmp/` (same filesystem as the spool) and that file `fdatasync`'d;
-//! 2. the file was renamed to `spool/<hh>/<hash>.dcm` and that directory fsynced;
-//! 3. the index rows, with an `unsettled` marker, were committed by redb with
-//!    `Durability::Immediate`.
+//! [`Ingest::finish`] returns `Ok` only after
+//! 1. the instance was appended to a segment ([`segment`]) as one record: the Part 10 file
+//!    (preamble, file meta group, dataset as received), then the index row and destinations it
+//!    needs, then a header that makes the record valid; and the segment was `fdatasync`'d;
+//! 2. the index thread committed its rows and queue entries ([`index`]), so readers see it.
 //!
-//! Only then may the association answer C-STORE-RSP Success (PS3.4 Annex B.2.3). Step 1's flush
-//! runs on the association while the index thread does steps 2 and 3 (rename first, then the
-//! directory fsync and the commit at the same time), shared by every instance waiting at that
-//! moment (group commit, see [`index`]): the acknowledgement waits for the slowest of three
-//! flushes instead of their sum. Any failure returns `Err` (A700); a failed data flush also stops
-//! the gateway, as a failed commit does, because the state of the file is then unknown.
+//! Only then may the association answer C-STORE-RSP Success (PS3.4 Annex B.2.3). The commit of
+//! step 2 is flushed at most [`index::DURABLE_EVERY`] later (group commit): until then the
+//! durable record is what guarantees the instance, because start-up recovery ([`Store::open`])
+//! indexes every valid record past its segment's durable `indexed_end` before READY. A failed
+//! data flush or commit answers A700 and stops the gateway: the state of the disk is then
+//! unknown, and the restart checks it.
 //!
-//! Start-up ([`Store::open`]) empties `tmp/` and checks the rows whose marker is still there
-//! ([`index::verify_unsettled`]): a row whose file is missing or damaged was never acknowledged
-//! and is dropped. After an unclean shutdown it also re-indexes spool files that have no row (a
-//! crash between rename and commit) and reports rows whose file is gone.
+//! Start-up also cuts the unfinished record a crash left at a segment's end (never
+//! acknowledged), reports rows whose segment is gone, and deletes segments no row refers to.
 //!
 //! # Bounded memory
 //!
 //! An instance is never held whole: [`Ingest::write`] buffers at most [`FLUSH_BYTES`] before
-//! writing to the file (a PDV of [`DIRECT_BYTES`] or more goes to the file without that copy),
+//! writing to the segment (a PDV of [`DIRECT_BYTES`] or more goes to it without that copy),
 //! and keeps the first [`HEAD_BYTES`] of the dataset, from which the index fields are parsed;
-//! the file is read back only for a dataset whose indexed attributes lie beyond that.
+//! the record is read back only for a dataset whose indexed attributes lie beyond that.
 
 pub mod evict;
 pub mod index;
 pub mod parse;
 pub mod queue;
+pub mod segment;
 pub mod spool;
 
-use std::collections::HashSet;
-use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -48,7 +47,8 @@ use snafu::Snafu;
 pub use index::Wake;
 pub use index::{CommitOutcome, InstanceRecord};
 use index::{IndexHandle, IndexThread, Pending};
-use spool::{FileMeta, Hash};
+use segment::{Location, RecordMeta, Segment};
+use spool::FileMeta;
 
 /// Bytes buffered per instance before a write to the spool file.
 pub const FLUSH_BYTES: usize = 256 * 1024;
@@ -115,17 +115,21 @@ pub struct Stored {
 /// Start-up recovery figures.
 #[derive(Debug, Default, Clone)]
 pub struct Recovery {
+    /// The previous run ended with a clean shutdown.
     pub clean: bool,
-    pub temp_files_removed: usize,
+    /// Records past the durable index (their commit was not yet flushed when the previous run
+    /// stopped) that were indexed again.
     pub reindexed: usize,
-    pub quarantined: usize,
-    /// Spool files without a row whose content was incomplete: written during a crash, never
-    /// acknowledged, removed.
-    pub incomplete_removed: usize,
-    pub missing_files: usize,
+    /// Records not indexed because their content does not match their header: being written
+    /// when the previous run stopped (never acknowledged), or duplicates whose body was freed.
+    pub skipped: usize,
+    /// Bytes of unfinished records cut from segment ends (never acknowledged).
+    pub tail_bytes_removed: u64,
+    /// Segments deleted because no row refers to them.
+    pub segments_removed: usize,
+    /// Rows whose segment file is missing (deleted outside the gateway).
+    pub missing_records: u64,
     pub in_flight_returned: usize,
-    /// Rows committed just before a crash whose file never became durable (never acknowledged).
-    pub unacknowledged_dropped: usize,
 }
 
 struct Inner {
@@ -139,7 +143,7 @@ struct Inner {
     on_fatal: tokio_util::sync::CancellationToken,
     /// Set while free space is below the reserve; logs only state changes.
     low_space: AtomicBool,
-    spool_lock: index::SpoolLock,
+    pool: Arc<segment::Pool>,
 }
 
 /// Chooses the destinations of an instance: (calling AE, modality, SOP class) → names.
@@ -192,27 +196,18 @@ impl Store {
             let path = path.to_path_buf();
             move |source| StoreError::Io { path, source }
         };
-        spool::create_layout(data_dir).map_err(io_err(data_dir))?;
-        let mut rec = Recovery {
-            temp_files_removed: spool::clear_tmp(data_dir).map_err(io_err(data_dir))?,
-            ..Recovery::default()
-        };
+        segment::create_layout(data_dir).map_err(io_err(data_dir))?;
         let (db, clean) = index::open(data_dir, INDEX_CACHE_BYTES)
             .map_err(|message| StoreError::Index { message })?;
-        rec.clean = clean;
-        let (verified, dropped) = index::verify_unsettled(&db, data_dir)
-            .map_err(|message| StoreError::Index { message })?;
-        rec.unacknowledged_dropped = dropped;
-        if !clean || !verified.is_empty() || dropped > 0 {
-            reconcile(&db, data_dir, &mut rec, &router, &verified)?;
-        }
+        let mut rec = Recovery {
+            clean,
+            ..Recovery::default()
+        };
+        let next_id = recover(&db, data_dir, &mut rec)?;
         rec.in_flight_returned =
             queue::recover_in_flight(&db).map_err(|message| StoreError::Index { message })?;
         let db = Arc::new(db);
-        let spool_lock = index::SpoolLock::default();
-        let (thread, handle) =
-            IndexThread::new(db.clone(), data_dir.to_path_buf(), spool_lock.clone(), wake)
-                .map_err(io_err(data_dir))?;
+        let (thread, handle) = IndexThread::new(db.clone(), wake);
         let fatal = on_fatal.clone();
         let thread = std::thread::Builder::new()
             .name("index".into())
@@ -234,7 +229,7 @@ impl Store {
                 index: handle,
                 on_fatal: fatal,
                 low_space: AtomicBool::new(false),
-                spool_lock,
+                pool: Arc::new(segment::Pool::new(data_dir, next_id)),
             }),
         };
         Ok((store, StoreRuntime { thread }, rec))
@@ -254,9 +249,9 @@ impl Store {
         &self.inner.db
     }
 
-    /// Held by eviction around deleting spool files (see [`index::SpoolLock`]).
-    pub fn spool_lock(&self) -> &index::SpoolLock {
-        &self.inner.spool_lock
+    /// The segments open for appending (eviction must not delete those).
+    pub fn pool(&self) -> &Arc<segment::Pool> {
+        &self.inner.pool
     }
 
     /// Free bytes for this service on the data directory's filesystem.
@@ -289,68 +284,68 @@ impl Store {
         if inner.low_space.swap(false, Ordering::Relaxed) {
             log::warn!(free_mib = free >> 20; "disk space is above the reserve again: accepting instances");
         }
-        let tmp = spool::temp_path(&inner.data_dir);
         let header = spool::encode_header(&FileMeta {
             sop_class_uid: incoming.sop_class_uid.clone(),
             sop_instance_uid: incoming.sop_instance_uid.clone(),
             transfer_syntax: incoming.transfer_syntax.clone(),
             source_ae: incoming.calling_ae.clone(),
         });
+        let segment = inner.pool.take().map_err(|source| StoreError::Io {
+            path: inner.data_dir.join(segment::SEGMENT_DIR),
+            source,
+        })?;
         let mut ingest = Ingest {
             store: self.clone(),
+            body_start: segment.end() + segment::RECORD_HEADER,
+            segment: Some(segment),
+            completed: None,
+            committed: false,
             header_len: header.len() as u64,
+            written: 0,
             incoming,
-            file: None,
             buf: Vec::with_capacity(FLUSH_BYTES + 64 * 1024),
             head: Vec::new(),
             hasher: blake3::Hasher::new(),
             size: 0,
-            tmp,
         };
-        // Read access too: the indexed fields are parsed back from this file.
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&ingest.tmp)
-            .map_err(|source| StoreError::Io {
-                path: ingest.tmp.clone(),
-                source,
-            })?;
-        file.write_all(&header).map_err(|source| StoreError::Io {
-            path: ingest.tmp.clone(),
-            source,
-        })?;
-        ingest.file = Some(file);
+        ingest.put(&header)?;
         Ok(ingest)
     }
 }
 
-/// One instance being received. Dropping it without [`Ingest::finish`] removes the temporary
-/// file, so an aborted transfer leaves nothing behind.
+/// One instance being received into a segment it holds alone. Dropping it without
+/// [`Ingest::finish`] cuts what it wrote, so an aborted transfer leaves nothing behind.
 pub struct Ingest {
     store: Store,
     incoming: IncomingInstance,
-    tmp: PathBuf,
-    file: Option<File>,
+    segment: Option<Segment>,
+    /// Set once the record's header is written: from then on the record is never cut.
+    completed: Option<Location>,
+    /// The index answered the record's commit.
+    committed: bool,
+    /// Offset of the record's body (the Part 10 file) in the segment.
+    body_start: u64,
+    /// Bytes of the body written so far.
+    written: u64,
     header_len: u64,
     buf: Vec<u8>,
     /// The first [`HEAD_BYTES`] of the dataset.
     head: Vec<u8>,
     hasher: blake3::Hasher,
+    /// Dataset bytes so far.
     size: u64,
 }
 
 impl Ingest {
-    /// Appends dataset bytes. Writes to the file once [`FLUSH_BYTES`] are buffered (or at once
-    /// for a large PDV), on a blocking section of the runtime.
+    /// Appends dataset bytes. Writes to the segment once [`FLUSH_BYTES`] are buffered (or at
+    /// once for a large PDV), on a blocking section of the runtime.
     pub fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
         if self.head.len() < HEAD_BYTES {
             let n = data.len().min(HEAD_BYTES - self.head.len());
             self.head.extend_from_slice(&data[..n]);
         }
         if self.buf.is_empty() && data.len() >= DIRECT_BYTES {
-            return tokio::task::block_in_place(|| self.write_out(data));
+            return tokio::task::block_in_place(|| self.write_dataset(data));
         }
         self.buf.extend_from_slice(data);
         if self.buf.len() >= FLUSH_BYTES {
@@ -361,21 +356,34 @@ impl Ingest {
 
     fn flush(&mut self) -> Result<(), StoreError> {
         let buf = std::mem::take(&mut self.buf);
-        let r = self.write_out(&buf);
+        let r = self.write_dataset(&buf);
         self.buf = buf;
         self.buf.clear();
         r
     }
 
-    fn write_out(&mut self, data: &[u8]) -> Result<(), StoreError> {
-        let Some(file) = self.file.as_mut() else {
-            return Ok(());
-        };
+    fn write_dataset(&mut self, data: &[u8]) -> Result<(), StoreError> {
         self.hasher.update(data);
         self.size += data.len() as u64;
-        file.write_all(data).map_err(|source| StoreError::Io {
-            path: self.tmp.clone(),
-            source,
+        self.put(data)
+    }
+
+    /// Writes body bytes at the end of what is written.
+    fn put(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        let seg = self.segment()?;
+        seg.file()
+            .write_all_at(data, self.body_start + self.written)
+            .map_err(|source| StoreError::Io {
+                path: seg.path().to_path_buf(),
+                source,
+            })?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    fn segment(&self) -> Result<&Segment, StoreError> {
+        self.segment.as_ref().ok_or_else(|| StoreError::Task {
+            message: "instance already finished".into(),
         })
     }
 
@@ -383,42 +391,64 @@ impl Ingest {
     pub async fn finish(mut self) -> Result<Stored, StoreError> {
         let (record, study, series) = tokio::task::block_in_place(|| self.seal())?;
         let size = record.size;
-        let (sop, checksum) = (record.sop_instance_uid.clone(), record.checksum);
         let destinations =
             (self.store.inner.router)(&record.calling_ae, &record.modality, &record.sop_class_uid);
-        let tmp = std::mem::take(&mut self.tmp);
-        let pending = Pending {
-            tmp: tmp.clone(),
+        let meta = RecordMeta {
             record,
             destinations,
             high_priority: self.incoming.high_priority,
         };
-        let file = self.file.take().ok_or_else(|| StoreError::Task {
-            message: "instance already finished".into(),
+        let bytes = postcard::to_stdvec(&meta).map_err(|e| StoreError::Task {
+            message: format!("cannot encode the record meta: {e}"),
         })?;
-        let index = &self.store.inner.index;
-        // From here the index thread owns the temporary file (it renames or removes it).
-        let answer = index.submit(pending).await.map_err(|message| {
-            let _ = std::fs::remove_file(&tmp);
-            StoreError::Index { message }
-        })?;
-        let synced = tokio::task::block_in_place(|| file.sync_data());
-        let outcome = answer
-            .outcome()
+        let seq = self.store.inner.pool.next_seq();
+        let body_len = self.written;
+        let seg = self.segment()?;
+        let path = seg.path().to_path_buf();
+        let completed = tokio::task::block_in_place(|| {
+            let loc = seg.complete(seq, body_len, &bytes)?;
+            seg.sync().map(|()| loc)
+        });
+        let loc = match completed {
+            Ok(loc) => loc,
+            Err(source) => {
+                log::error!(
+                    sop_instance_uid:% = meta.record.sop_instance_uid, path:% = path.display(), error:% = source;
+                    "writing or flushing a segment failed: answering A700 and stopping, so that the restart checks what is on disk"
+                );
+                // The segment's state is unknown: it takes no further record.
+                self.segment = None;
+                self.store.inner.on_fatal.cancel();
+                return Err(StoreError::Io { path, source });
+            }
+        };
+        self.completed = Some(loc);
+        let mut record = meta.record;
+        record.location = loc;
+        let pending = Pending {
+            record,
+            destinations: meta.destinations,
+            high_priority: meta.high_priority,
+        };
+        let outcome = self
+            .store
+            .inner
+            .index
+            .commit(pending)
             .await
-            .map_err(|message| StoreError::Index { message })?;
-        if let Err(source) = synced {
-            log::error!(
-                sop_instance_uid:% = sop, path:% = tmp.display(), error:% = source;
-                "data flush of a spool file failed: answering A700 and stopping, so that the restart checks what is on disk"
-            );
-            self.store.inner.on_fatal.cancel();
-            return Err(StoreError::Io { path: tmp, source });
-        }
-        if outcome != CommitOutcome::Duplicate {
-            // Only a stopped index fails here; the marker then stays and the next start checks
-            // this file, which is durable.
-            let _ = index.settled(sop, checksum).await;
+            .map_err(|message| {
+                // The index thread stopped the gateway; this record is indexed at the restart.
+                self.segment = None;
+                StoreError::Index { message }
+            })?;
+        self.committed = true;
+        if outcome == CommitOutcome::Duplicate {
+            // Never referenced: free the body's space now (recovery skips such a record).
+            if let Some(seg) = &self.segment {
+                if let Err(e) = segment::punch(seg.file(), loc.body_start(), loc.body_len) {
+                    log::warn!(path:% = path.display(), error:% = e; "cannot free the space of a duplicate record");
+                }
+            }
         }
         Ok(Stored {
             outcome,
@@ -428,20 +458,18 @@ impl Ingest {
         })
     }
 
-    /// Writes out what is buffered and checks the indexed fields (the data flush is
-    /// [`Ingest::finish`]'s).
+    /// Writes out what is buffered and checks the indexed fields (the record's completion and
+    /// flush are [`Ingest::finish`]'s).
     fn seal(&mut self) -> Result<(InstanceRecord, String, String), StoreError> {
         self.flush()?;
-        let file = self.file.as_ref().ok_or_else(|| StoreError::Task {
-            message: "instance already finished".into(),
-        })?;
-        // The rest of the dataset is read from the file only if parsing gets past the head.
-        let rest_at = self.header_len + self.head.len() as u64;
-        let rest = LazyAt {
-            file,
-            at: rest_at,
-            positioned: false,
-        };
+        let seg = self.segment()?;
+        // The rest of the dataset is read back only if parsing gets past the head.
+        let head_len = self.head.len() as u64;
+        let rest = segment::Range::new(
+            seg.file(),
+            self.body_start + self.header_len + head_len,
+            self.size.saturating_sub(head_len),
+        );
         let fields = parse::read_fields(
             self.head
                 .as_slice()
@@ -480,6 +508,7 @@ impl Ingest {
             calling_ae: inc.calling_ae.clone(),
             received_at_ms: now_ms(),
             state: 0,
+            location: Location::default(),
         };
         Ok((
             record,
@@ -489,28 +518,27 @@ impl Ingest {
     }
 }
 
-/// Reads a file from `at` on, seeking there on the first read only.
-struct LazyAt<'a> {
-    file: &'a File,
-    at: u64,
-    positioned: bool,
-}
-
-impl io::Read for LazyAt<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut f = self.file;
-        if !self.positioned {
-            f.seek(SeekFrom::Start(self.at))?;
-            self.positioned = true;
-        }
-        f.read(buf)
-    }
-}
-
 impl Drop for Ingest {
     fn drop(&mut self) {
-        if self.file.take().is_some() && !self.tmp.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.tmp);
+        let Some(mut seg) = self.segment.take() else {
+            return;
+        };
+        let pool = &self.store.inner.pool;
+        match self.completed {
+            Some(loc) => {
+                // A complete record stays: indexed now, or by the next start.
+                seg.advance(&loc);
+                if self.committed {
+                    pool.give_back(seg);
+                }
+                // Otherwise its commit may still be on its way (the caller went away while
+                // waiting): the segment stays open for the rest of this run, so that it is
+                // neither written nor deleted under that commit.
+            }
+            None => {
+                seg.discard_tail();
+                pool.give_back(seg);
+            }
         }
     }
 }
@@ -521,163 +549,282 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// After an unclean shutdown: index spool files that have no row, remove those whose content is
-/// incomplete (never acknowledged), quarantine those that cannot be indexed, and report rows
-/// whose file is gone.
-/// `replacing`: instances whose newest row was just verified ([`index::verify_unsettled`]); a
-/// file of theirs without a row is the version that row replaced, not a newer one.
-fn reconcile(
-    db: &Database,
-    data_dir: &Path,
-    rec: &mut Recovery,
-    router: &Router,
-    replacing: &HashSet<String>,
-) -> Result<(), StoreError> {
+/// Start-up: brings the index up to the segments (see the module doc). Returns the id for the
+/// next new segment.
+fn recover(db: &Database, data_dir: &Path, rec: &mut Recovery) -> Result<u64, StoreError> {
     let idx = |message: String| StoreError::Index { message };
-    let spool_dir = data_dir.join(spool::SPOOL_DIR);
-    log::warn!(data_dir:% = data_dir.display(); "previous run did not shut down cleanly: reconciling spool files with the index");
-    let mut orphans: Vec<(PathBuf, Hash)> = Vec::new();
-    let files = index::FileLookup::open(db).map_err(idx)?;
-    // Spool files that have a row. If it equals the number of rows, no row lacks its file and
-    // the second pass (a stat per row) is not needed.
-    let mut matched = 0u64;
-    let shards = std::fs::read_dir(&spool_dir).map_err(|source| StoreError::Io {
-        path: spool_dir.clone(),
-        source,
-    })?;
-    for shard in shards.flatten() {
-        let Ok(entries) = std::fs::read_dir(shard.path()) else {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    let rows: HashMap<u64, index::SegmentRow> = index::segments(db)
+        .map_err(idx)?
+        .into_iter()
+        .map(|r| (r.id, r))
+        .collect();
+    let ids = segment::list(data_dir).map_err(io(data_dir))?;
+    let mut next_id = rows.keys().max().map_or(1, |m| m + 1);
+    let mut found = Vec::new();
+    let mut unreferenced = Vec::new();
+    for &id in &ids {
+        next_id = next_id.max(id + 1);
+        let path = segment::segment_path(data_dir, id);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let row = rows.get(&id);
+        let Some(salt) = segment::read_salt(&file, id).map_err(io(&path))? else {
+            if row.is_some_and(|r| r.live > 0) {
+                return Err(StoreError::Index {
+                    message: format!(
+                        "segment {} has a damaged header but {} indexed instances; restore it or move the data directory aside",
+                        path.display(),
+                        row.map_or(0, |r| r.live)
+                    ),
+                });
+            }
+            // Created when the previous run stopped: it holds nothing acknowledged.
+            unreferenced.push(id);
             continue;
         };
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let hash = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".dcm"))
-                .and_then(spool::parse_hex);
-            match hash {
-                Some(h) if files.contains(&h).map_err(idx)? => matched += 1,
-                Some(h) => orphans.push((e.path(), h)),
+        let from = row.map_or(0, |r| r.indexed_end);
+        let scan = segment::scan(&file, &salt, id, from).map_err(io(&path))?;
+        if scan.valid_end < scan.file_len {
+            // An unfinished record: its sender was never answered.
+            file.set_len(scan.valid_end).map_err(io(&path))?;
+            file.sync_all().map_err(io(&path))?;
+            rec.tail_bytes_removed += scan.file_len - scan.valid_end;
+        }
+        if row.is_none() && scan.records.is_empty() {
+            unreferenced.push(id);
+        }
+        found.extend(scan.records);
+    }
+    if !found.is_empty() {
+        found.sort_by_key(|f| f.seq);
+        let txn = db.begin_write().map_err(|e| idx(e.to_string()))?;
+        for f in found {
+            match f.meta {
+                Some(m) => {
+                    let sop = m.record.sop_instance_uid.clone();
+                    let outcome = index::apply(
+                        &txn,
+                        &Pending {
+                            record: m.record,
+                            destinations: m.destinations,
+                            high_priority: m.high_priority,
+                        },
+                    )
+                    .map_err(idx)?;
+                    if outcome != CommitOutcome::Duplicate {
+                        rec.reindexed += 1;
+                        log::info!(sop_instance_uid:% = sop; "indexed an instance whose index commit was not yet flushed when the previous run stopped");
+                    }
+                }
                 None => {
-                    log::warn!(path:% = e.path().display(); "unexpected file in the spool; leaving it alone")
+                    rec.skipped += 1;
+                    index::skip_record(&txn, &f.location).map_err(idx)?;
                 }
             }
         }
+        txn.commit().map_err(|e| idx(e.to_string()))?;
     }
-    let rows = files.rows().map_err(idx)?;
-    drop(files);
-    for (path, name_hash) in orphans {
-        match reindex_file(db, data_dir, &path, &name_hash, router, replacing) {
-            Ok(Orphan::Reindexed) => rec.reindexed += 1,
-            Ok(Orphan::Superseded) => {}
-            Ok(Orphan::Incomplete(reason)) => {
-                // No row: never acknowledged. The data flush and the rename run concurrently
-                // (module doc), so a crash can leave a final name over incomplete content.
-                let _ = std::fs::remove_file(&path);
-                log::warn!(path:% = path.display(), reason:% = reason; "removed an incomplete spool file of an instance that was never acknowledged (written when the previous run stopped)");
-                rec.incomplete_removed += 1;
-            }
-            Err(reason) => {
-                let dest = spool::quarantine(data_dir, &path);
-                log::error!(path:% = path.display(), reason:% = reason, quarantined:? = dest.ok(); "spool file could not be re-indexed");
-                rec.quarantined += 1;
-            }
+    for row in rows.values() {
+        if row.live > 0 && !segment::segment_path(data_dir, row.id).exists() {
+            rec.missing_records += row.live;
+            log::error!(
+                segment = row.id, instances = row.live;
+                "INDEXED INSTANCES HAVE NO SEGMENT FILE: it was deleted or lost outside the gateway; their forwarding fails visibly; ask the modalities to resend"
+            );
         }
     }
-    if matched < rows {
-        index::for_each_instance(db, |r| {
-            if !data_dir.join(spool::relative_path(&r.checksum)).exists() {
-                rec.missing_files += 1;
-                log::error!(
-                    sop_instance_uid:% = r.sop_instance_uid, study_instance_uid:% = r.study_instance_uid, calling_ae:% = r.calling_ae;
-                    "INDEXED INSTANCE HAS NO SPOOL FILE: the file was deleted or lost outside the gateway; ask the modality to resend the study"
-                );
-            }
-        })
-        .map_err(idx)?;
+    for id in unreferenced {
+        let path = segment::segment_path(data_dir, id);
+        std::fs::remove_file(&path).map_err(io(&path))?;
+        rec.segments_removed += 1;
     }
-    log::warn!(reindexed = rec.reindexed, incomplete_removed = rec.incomplete_removed, quarantined = rec.quarantined, missing_files = rec.missing_files; "reconciliation finished");
-    Ok(())
+    rec.segments_removed += reap(db, data_dir, &|_| false).map_err(idx)?;
+    if rec.reindexed + rec.skipped > 0 || rec.tail_bytes_removed > 0 {
+        log::warn!(reindexed = rec.reindexed, skipped = rec.skipped, tail_bytes_removed = rec.tail_bytes_removed; "segments recovered after an unclean stop");
+    }
+    Ok(next_id)
 }
 
-fn reindex_file(
-    db: &Database,
-    data_dir: &Path,
-    path: &Path,
-    name_hash: &Hash,
-    router: &Router,
-    replacing: &HashSet<String>,
-) -> Result<Orphan, String> {
-    let (meta, offset, hash, size) = match spool::hash_dataset(path) {
-        Ok(v) => v,
-        Err(e) => return Ok(Orphan::Incomplete(e.to_string())),
-    };
-    if &hash != name_hash {
-        return Ok(Orphan::Incomplete("content does not match its name".into()));
+/// Deletes the segments that no row refers to, except those `open` says may still get records.
+/// Returns how many. The file goes first, then its row: a crash in between leaves a row without
+/// file and without instances, which the next call drops.
+pub fn reap(db: &Database, data_dir: &Path, open: &dyn Fn(u64) -> bool) -> Result<usize, String> {
+    let dead: Vec<u64> = index::segments(db)?
+        .into_iter()
+        .filter(|r| r.live == 0 && !open(r.id))
+        .map(|r| r.id)
+        .collect();
+    if dead.is_empty() {
+        return Ok(0);
     }
-    if replacing.contains(&meta.sop_instance_uid) {
-        // Replaced by the verified row; its deletion was due once that row was settled.
-        let _ = std::fs::remove_file(path);
-        log::info!(sop_instance_uid:% = meta.sop_instance_uid; "removed the replaced version of an instance");
-        return Ok(Orphan::Superseded);
+    let mut removed = 0;
+    for &id in &dead {
+        match std::fs::remove_file(segment::segment_path(data_dir, id)) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot delete segment {id:016x}: {e}")),
+        }
     }
-    let mut f = File::open(path).map_err(|e| e.to_string())?;
-    f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
-    let fields =
-        parse::read_fields(BufReader::new(f), size, &meta.transfer_syntax).map_err(|e| e.0)?;
-    let record = InstanceRecord {
-        sop_instance_uid: meta.sop_instance_uid,
-        sop_class_uid: meta.sop_class_uid,
-        study_instance_uid: fields.study_instance_uid,
-        series_instance_uid: fields.series_instance_uid,
-        patient_id: fields.patient_id,
-        modality: fields.modality,
-        accession_number: fields.accession_number,
-        study_date: fields.study_date,
-        transfer_syntax: meta.transfer_syntax,
-        size,
-        checksum: hash,
-        calling_ae: meta.source_ae,
-        received_at_ms: now_ms(),
-        state: 0,
-    };
     let txn = db.begin_write().map_err(|e| e.to_string())?;
-    let old = index::existing(&txn, &record.sop_instance_uid)?;
-    // The file without a row is the newest version: it was renamed just before a crash.
-    index::put(&txn, &record, old.as_ref())?;
-    let destinations = router(&record.calling_ae, &record.modality, &record.sop_class_uid);
-    queue::enqueue(&txn, &record.sop_instance_uid, &destinations, false)?;
-    txn.commit().map_err(|e| e.to_string())?;
-    if let Some(old) = old.filter(|o| o.checksum != hash) {
-        let _ = std::fs::remove_file(data_dir.join(spool::relative_path(&old.checksum)));
+    for id in dead {
+        index::forget_segment(&txn, id)?;
     }
-    log::info!(sop_instance_uid:% = record.sop_instance_uid; "re-indexed spool file found without index row");
-    Ok(Orphan::Reindexed)
+    txn.commit().map_err(|e| e.to_string())?;
+    Ok(removed)
 }
 
-/// What became of a spool file found without an index row.
-enum Orphan {
-    /// Complete: indexed and queued (a crash between rename and commit).
-    Reindexed,
-    /// The older version of an instance whose newer one was verified: removed.
-    Superseded,
-    /// Unreadable or not matching its name: it was being flushed when the run stopped.
-    Incomplete(String),
-}
-
-/// Opens the index of a data directory for reading while no daemon runs (CLI `instances`).
-pub fn read_instances(data_dir: &Path) -> Result<Vec<InstanceRecord>, String> {
+fn open_read_only(data_dir: &Path) -> Result<redb::ReadOnlyDatabase, String> {
     let path = data_dir.join(index::INDEX_FILE);
     if !path.exists() {
         return Err(format!("no index at {}", path.display()));
     }
-    let db = redb::ReadOnlyDatabase::open(&path).map_err(|e| {
+    redb::ReadOnlyDatabase::open(&path).map_err(|e| {
         format!(
             "cannot open {}: {e} (is the gateway running? this command needs it stopped)",
             path.display()
         )
+    })
+}
+
+/// Writes an indexed instance out as a Part 10 file (CLI `export`; the daemon must be stopped).
+pub fn export(
+    data_dir: &Path,
+    sop_instance_uid: &str,
+    out: &mut impl io::Write,
+) -> Result<u64, String> {
+    let db = open_read_only(data_dir)?;
+    let rec = index::get(&db, sop_instance_uid)?
+        .ok_or_else(|| format!("no instance {sop_instance_uid} in the index"))?;
+    write_part10(data_dir, &rec, out)
+}
+
+/// Writes every indexed instance into `dir` as `<SOP Instance UID>.dcm` (CLI `export` without
+/// a UID; the daemon must be stopped). Returns how many.
+pub fn export_all(data_dir: &Path, dir: &Path) -> Result<usize, String> {
+    let db = open_read_only(data_dir)?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mut n = 0;
+    let mut failed = Vec::new();
+    index::for_each_instance(&db, |rec| {
+        // Validated at ingest (digits and dots): safe as a file name.
+        let path = dir.join(format!("{}.dcm", rec.sop_instance_uid));
+        let r = std::fs::File::create(&path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))
+            .and_then(|f| {
+                let mut w = io::BufWriter::new(f);
+                write_part10(data_dir, &rec, &mut w)?;
+                io::Write::flush(&mut w)
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))
+            });
+        match r {
+            Ok(()) => n += 1,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                failed.push(e);
+            }
+        }
     })?;
-    index::all_instances(&db)
+    if failed.is_empty() {
+        Ok(n)
+    } else {
+        Err(format!(
+            "{} of {} instances could not be exported: {}",
+            failed.len(),
+            n + failed.len(),
+            failed.join("; ")
+        ))
+    }
+}
+
+/// Copies the Part 10 file of a record to `out`, checking the dataset against its hash.
+fn write_part10(
+    data_dir: &Path,
+    rec: &InstanceRecord,
+    out: &mut impl io::Write,
+) -> Result<u64, String> {
+    let sop_instance_uid = &rec.sop_instance_uid;
+    let loc = rec.location;
+    let seg = segment::segment_path(data_dir, loc.segment);
+    let file =
+        std::fs::File::open(&seg).map_err(|e| format!("cannot open {}: {e}", seg.display()))?;
+    let mut body = segment::Range::new(&file, loc.body_start(), loc.body_len);
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut copied, mut header_left) = (0u64, loc.body_len - rec.size);
+    loop {
+        let n = body
+            .read(&mut buf)
+            .map_err(|e| format!("cannot read {}: {e}", seg.display()))?;
+        if n == 0 {
+            break;
+        }
+        let skip = usize::try_from(header_left).unwrap_or(usize::MAX).min(n);
+        hasher.update(&buf[skip..n]);
+        header_left -= skip as u64;
+        out.write_all(&buf[..n])
+            .map_err(|e| format!("cannot write: {e}"))?;
+        copied += n as u64;
+    }
+    if *hasher.finalize().as_bytes() != rec.checksum {
+        return Err(format!(
+            "the stored bytes of {sop_instance_uid} do not match their checksum (segment {}, offset {})",
+            seg.display(),
+            loc.offset
+        ));
+    }
+    Ok(copied)
+}
+
+/// A record found in a segment file by [`list_records`].
+#[derive(Debug, Clone)]
+pub struct RecordInfo {
+    pub location: Location,
+    /// `None` if the record is not intact (its body freed, or torn by a stop).
+    pub sop_instance_uid: Option<String>,
+}
+
+/// Every record in the segment files, in order, checked whole (CLI `segments`). Reads only the
+/// segments, so it works while the gateway runs; a record being written is not yet listed.
+pub fn list_records(data_dir: &Path) -> Result<Vec<RecordInfo>, String> {
+    let mut out = Vec::new();
+    let ids = segment::list(data_dir).map_err(|e| {
+        format!(
+            "cannot list {}: {e}",
+            data_dir.join(segment::SEGMENT_DIR).display()
+        )
+    })?;
+    for id in ids {
+        let path = segment::segment_path(data_dir, id);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            // Deleted since the listing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+        };
+        let read = |e: io::Error| format!("cannot read {}: {e}", path.display());
+        let Some(salt) = segment::read_salt(&file, id).map_err(read)? else {
+            continue;
+        };
+        for f in segment::scan(&file, &salt, id, 0).map_err(read)?.records {
+            out.push(RecordInfo {
+                location: f.location,
+                sop_instance_uid: f.meta.map(|m| m.record.sop_instance_uid),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Opens the index of a data directory for reading while no daemon runs (CLI `instances`).
+pub fn read_instances(data_dir: &Path) -> Result<Vec<InstanceRecord>, String> {
+    index::all_instances(&open_read_only(data_dir)?)
 }
 
 #[cfg(test)]

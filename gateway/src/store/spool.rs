@@ -1,27 +1,16 @@
-//! Spool files: one DICOM Part 10 file per instance (PS3.10 section 7), named after the BLAKE3
-//! hash of its dataset bytes, never after network-supplied text.
-//!
-//! Layout under the data directory:
-//! - `tmp/<n>.part`: an instance being received. Deleted on any failure and at start-up.
-//! - `spool/<hh>/<hash>.dcm`: durable instances; `<hh>` is the first byte of the hash in hex.
-//! - `quarantine/`: files found at start-up whose content does not match their name.
-//!
-//! A spool file is the 128-byte preamble, `DICM`, the file meta group in explicit VR little
-//! endian (PS3.10 section 7.1), then the dataset bytes exactly as received.
+//! The Part 10 form of a spooled instance (PS3.10 section 7): the 128-byte preamble, `DICM`, the
+//! file meta group in explicit VR little endian (PS3.10 section 7.1), then the dataset bytes
+//! exactly as received. It is the body of a segment record ([`super::segment`]), and what
+//! `dicom-gateway export` writes out.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::uid::IMPLEMENTATION_CLASS_UID;
 use crate::uid::IMPLEMENTATION_VERSION_NAME;
 
-pub const TMP_DIR: &str = "tmp";
-pub const SPOOL_DIR: &str = "spool";
-pub const QUARANTINE_DIR: &str = "quarantine";
-
-/// A dataset content hash; names the spool file.
+/// A dataset content hash: duplicate detection and integrity checks.
 pub type Hash = [u8; 32];
 
 pub fn hex(hash: &Hash) -> String {
@@ -32,67 +21,50 @@ pub fn hex(hash: &Hash) -> String {
     })
 }
 
-pub fn parse_hex(name: &str) -> Option<Hash> {
-    if name.len() != 64
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-    {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(name.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
-/// Path of a spool file relative to the data directory.
-pub fn relative_path(hash: &Hash) -> PathBuf {
-    let h = hex(hash);
-    PathBuf::from(SPOOL_DIR)
-        .join(&h[..2])
-        .join(format!("{h}.dcm"))
-}
-
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A fresh temporary file path; unique within this process, and `tmp/` is emptied at start-up.
-pub fn temp_path(data_dir: &Path) -> PathBuf {
-    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    data_dir
-        .join(TMP_DIR)
-        .join(format!("{}-{n}.part", std::process::id()))
-}
-
-/// Creates the directory tree; the shard directories are created up front so that the ingest
-/// path never has to create (and fsync) a directory.
-pub fn create_layout(data_dir: &Path) -> io::Result<()> {
-    for d in [TMP_DIR, SPOOL_DIR, QUARANTINE_DIR] {
-        fs::create_dir_all(data_dir.join(d))?;
-    }
-    for b in 0..=255u8 {
-        fs::create_dir_all(data_dir.join(SPOOL_DIR).join(format!("{b:02x}")))?;
-    }
-    fsync_dir(&data_dir.join(SPOOL_DIR))?;
-    fsync_dir(data_dir)
-}
-
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Removes every file in `tmp/`: instances whose transfer never completed.
-pub fn clear_tmp(data_dir: &Path) -> io::Result<usize> {
-    let mut n = 0;
-    for e in fs::read_dir(data_dir.join(TMP_DIR))? {
-        let e = e?;
-        if e.file_type()?.is_file() {
-            fs::remove_file(e.path())?;
-            n += 1;
+/// Where a spooled Part 10 file lies: a segment record's body, or a whole file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpoolSlice {
+    pub path: PathBuf,
+    pub offset: u64,
+    /// `None`: to the end of the file.
+    pub len: Option<u64>,
+}
+
+impl SpoolSlice {
+    /// The body of the record at `loc`.
+    pub fn of(data_dir: &Path, loc: &super::segment::Location) -> SpoolSlice {
+        SpoolSlice {
+            path: super::segment::segment_path(data_dir, loc.segment),
+            offset: loc.body_start(),
+            len: Some(loc.body_len),
         }
     }
-    Ok(n)
+}
+
+impl From<&Path> for SpoolSlice {
+    fn from(path: &Path) -> SpoolSlice {
+        SpoolSlice {
+            path: path.to_path_buf(),
+            offset: 0,
+            len: None,
+        }
+    }
+}
+
+impl From<&PathBuf> for SpoolSlice {
+    fn from(path: &PathBuf) -> SpoolSlice {
+        SpoolSlice::from(path.as_path())
+    }
+}
+
+impl From<&SpoolSlice> for SpoolSlice {
+    fn from(s: &SpoolSlice) -> SpoolSlice {
+        s.clone()
+    }
 }
 
 /// The fields of the Part 10 file meta group that the gateway writes and reads back.
@@ -213,26 +185,8 @@ pub fn read_header(file: &mut impl Read) -> io::Result<(FileMeta, u64)> {
     Ok((meta, 144 + u64::from(len)))
 }
 
-/// Moves a file that cannot be trusted out of the spool, keeping it for inspection.
-pub fn quarantine(data_dir: &Path, path: &Path) -> io::Result<PathBuf> {
-    let name = path
-        .file_name()
-        .map_or_else(|| "unnamed".into(), |n| n.to_owned());
-    let dest = data_dir.join(QUARANTINE_DIR).join(name);
-    fs::rename(path, &dest)?;
-    Ok(dest)
-}
-
-/// Hashes the dataset part of a spool file.
-pub fn hash_dataset(path: &Path) -> io::Result<(FileMeta, u64, Hash, u64)> {
-    let mut f = io::BufReader::with_capacity(1 << 20, File::open(path)?);
-    let (meta, offset) = read_header(&mut f)?;
-    let mut hasher = blake3::Hasher::new();
-    let size = io::copy(&mut f, &mut HashWriter(&mut hasher))?;
-    Ok((meta, offset, *hasher.finalize().as_bytes(), size))
-}
-
-struct HashWriter<'a>(&'a mut blake3::Hasher);
+/// Feeds written bytes to a hasher.
+pub struct HashWriter<'a>(pub &'a mut blake3::Hasher);
 
 impl Write for HashWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -260,14 +214,5 @@ mod tests {
         let (back, offset) = read_header(&mut &bytes[..]).unwrap();
         assert_eq!(back, meta);
         assert_eq!(offset as usize, bytes.len());
-    }
-
-    #[test]
-    fn hex_round_trips_and_rejects_garbage() {
-        let h: Hash = core::array::from_fn(|i| i as u8 * 7);
-        assert_eq!(parse_hex(&hex(&h)), Some(h));
-        assert_eq!(parse_hex("../etc"), None);
-        assert_eq!(parse_hex(&"G".repeat(64)), None);
-        assert!(relative_path(&h).starts_with("spool"));
     }
 }

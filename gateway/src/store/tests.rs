@@ -1,6 +1,6 @@
-//! Store crash windows: a crash between rename and commit (file without row), a crash while
-//! receiving (temp file), an incomplete spool file without a row, unsettled rows, and the
-//! acknowledged path itself.
+//! Store crash windows: index commits lost with the stop (records past the durable index), an
+//! unfinished record at a segment's end, a torn record, a lost segment, replaced versions and
+//! duplicates across recovery, and the acknowledged path itself.
 
 use super::*;
 use tokio_util::sync::CancellationToken;
@@ -45,41 +45,92 @@ pub(super) fn incoming(sop: &str) -> IncomingInstance {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn acknowledged_instance_is_on_disk_indexed_and_queued() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, rt, _) = open(dir.path(), &["pacs"]);
-    let mut i = store.begin(incoming("1.9.1")).unwrap();
-    i.write(&dataset("1.9.1")).unwrap();
-    let stored = i.finish().await.unwrap();
-    assert_eq!(stored.outcome, CommitOutcome::Stored);
-    // Same bytes again: a duplicate, not a second copy.
-    let mut i = store.begin(incoming("1.9.1")).unwrap();
-    i.write(&dataset("1.9.1")).unwrap();
-    assert_eq!(i.finish().await.unwrap().outcome, CommitOutcome::Duplicate);
-    let (counts, _) = queue::stats(store.db(), "pacs").unwrap();
-    assert_eq!(counts.pending, 1);
-    let db = store.db().clone();
-    drop(store);
-    drop(db);
-    rt.close().unwrap();
-    let rows = read_instances(dir.path()).unwrap();
-    assert_eq!(rows.len(), 1);
-    let file = dir.path().join(spool::relative_path(&rows[0].checksum));
-    let (meta, _, hash, size) = spool::hash_dataset(&file).unwrap();
-    assert_eq!(hash, rows[0].checksum);
-    assert_eq!(size, dataset("1.9.1").len() as u64);
-    assert_eq!(meta.source_ae, "CT01");
-    assert_eq!(
-        std::fs::read_dir(dir.path().join(spool::TMP_DIR))
-            .unwrap()
-            .count(),
-        0
-    );
+/// The dataset of an indexed instance, read from its record and checked against its hash.
+pub(crate) fn read_dataset(data_dir: &Path, rec: &InstanceRecord) -> io::Result<Vec<u8>> {
+    let loc = rec.location;
+    let f = std::fs::File::open(segment::segment_path(data_dir, loc.segment))?;
+    let mut body = segment::Range::new(&f, loc.body_start(), loc.body_len);
+    spool::read_header(&mut body)?;
+    let mut out = Vec::new();
+    body.read_to_end(&mut out)?;
+    if *blake3::hash(&out).as_bytes() != rec.checksum {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "hash mismatch"));
+    }
+    Ok(out)
+}
+
+async fn store_one(store: &Store, sop: &str, data: &[u8]) -> CommitOutcome {
+    let mut i = store.begin(incoming(sop)).unwrap();
+    i.write(data).unwrap();
+    i.finish().await.unwrap().outcome
+}
+
+fn segment_files(dir: &Path) -> Vec<(u64, u64)> {
+    segment::list(dir)
+        .unwrap()
+        .into_iter()
+        .map(|id| {
+            let len = std::fs::metadata(segment::segment_path(dir, id))
+                .unwrap()
+                .len();
+            (id, len)
+        })
+        .collect()
+}
+
+/// What a crash leaves when the index commits of a run were never flushed: the index as it was
+/// at `snapshot`, the segments as they are.
+fn lose_index_commits_since(dir: &Path, snapshot: &[u8]) {
+    std::fs::write(dir.join(index::INDEX_FILE), snapshot).unwrap();
+}
+
+fn snapshot(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join(index::INDEX_FILE)).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn mismatched_and_unparseable_datasets_leave_nothing_behind() {
+async fn acknowledged_instance_is_in_its_segment_indexed_and_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, rt, _) = open(dir.path(), &["pacs"]);
+    assert_eq!(
+        store_one(&store, "1.9.1", &dataset("1.9.1")).await,
+        CommitOutcome::Stored
+    );
+    // Same bytes again: a duplicate, not a second copy.
+    assert_eq!(
+        store_one(&store, "1.9.1", &dataset("1.9.1")).await,
+        CommitOutcome::Duplicate
+    );
+    let (counts, _) = queue::stats(store.db(), "pacs").unwrap();
+    assert_eq!(counts.pending, 1);
+    drop(store);
+    rt.close().unwrap();
+    let rows = read_instances(dir.path()).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        read_dataset(dir.path(), &rows[0]).unwrap(),
+        dataset("1.9.1")
+    );
+    // Exported, it is a Part 10 file naming its source.
+    let mut out = Vec::new();
+    let n = export(dir.path(), "1.9.1", &mut out).unwrap();
+    assert_eq!(n, out.len() as u64);
+    let (meta, offset) = spool::read_header(&mut out.as_slice()).unwrap();
+    assert_eq!(meta.source_ae, "CT01");
+    assert_eq!(&out[offset as usize..], dataset("1.9.1").as_slice());
+    // The duplicate's body was freed: a scan skips it.
+    let f =
+        std::fs::File::open(segment::segment_path(dir.path(), rows[0].location.segment)).unwrap();
+    let salt = segment::read_salt(&f, rows[0].location.segment)
+        .unwrap()
+        .unwrap();
+    let scan = segment::scan(&f, &salt, rows[0].location.segment, 0).unwrap();
+    assert_eq!(scan.records.len(), 2);
+    assert!(scan.records[1].meta.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mismatched_unparseable_and_dropped_instances_leave_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _rt, _) = open(dir.path(), &[]);
     let mut i = store.begin(incoming("1.9.2")).unwrap();
@@ -93,261 +144,160 @@ async fn mismatched_and_unparseable_datasets_leave_nothing_behind() {
     ));
     // Dropped mid-transfer.
     let mut i = store.begin(incoming("1.9.5")).unwrap();
-    i.write(&dataset("1.9.5")[..10]).unwrap();
+    i.write(&vec![7u8; 300_000]).unwrap();
     drop(i);
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 1, "one segment reused: {files:?}");
     assert_eq!(
-        std::fs::read_dir(dir.path().join(spool::TMP_DIR))
-            .unwrap()
-            .count(),
-        0
+        files[0].1,
+        segment::SEGMENT_HEADER,
+        "nothing left after the header"
     );
     assert!(index::all_instances(store.db().as_ref())
         .unwrap()
         .is_empty());
 }
 
-#[test]
-fn crash_between_rename_and_commit_is_reindexed_and_queued() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        // First run: creates the layout and leaves the index marked unclean (no close).
-        let (s, rt, rec) = open(dir.path(), &["pacs"]);
-        assert!(rec.clean);
-        drop(s);
-        rt.close_unclean();
-    }
-    // A renamed spool file whose commit never happened, a leftover temp file, a damaged file.
-    let ds = dataset("1.9.9");
-    let hash: spool::Hash = blake3::hash(&ds).into();
-    let mut bytes = spool::encode_header(&spool::FileMeta {
-        sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
-        sop_instance_uid: "1.9.9".into(),
-        transfer_syntax: "1.2.840.10008.1.2.1".into(),
-        source_ae: "CT01".into(),
-    });
-    bytes.extend_from_slice(&ds);
-    std::fs::write(dir.path().join(spool::relative_path(&hash)), &bytes).unwrap();
-    std::fs::write(dir.path().join("tmp/123-0.part"), b"partial").unwrap();
-    let bogus: spool::Hash = [7; 32];
-    std::fs::write(dir.path().join(spool::relative_path(&bogus)), &bytes).unwrap();
-
-    let (store, _rt, rec) = open(dir.path(), &["pacs"]);
-    assert!(!rec.clean);
-    assert_eq!(rec.temp_files_removed, 1);
-    assert_eq!(rec.reindexed, 1);
-    // Content not matching its name, no row: being flushed at the crash, never acknowledged.
-    assert_eq!(rec.incomplete_removed, 1);
-    assert_eq!(rec.quarantined, 0);
-    assert!(!dir.path().join(spool::relative_path(&bogus)).exists());
-    let rows = index::all_instances(store.db().as_ref()).unwrap();
-    assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0].sop_instance_uid, "1.9.9");
-    assert_eq!(rows[0].calling_ae, "CT01");
-    assert_eq!(
-        queue::stats(store.db(), "pacs").unwrap().0.pending,
-        1,
-        "re-indexed instance is queued"
-    );
-}
-
-#[test]
-fn missing_spool_file_is_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().build().unwrap();
-    let checksum = {
-        let (store, srt, _) = open(dir.path(), &[]);
-        rt.block_on(async {
-            let mut i = store.begin(incoming("1.9.7")).unwrap();
-            i.write(&dataset("1.9.7")).unwrap();
-            i.finish().await.unwrap();
-        });
-        let c = index::all_instances(store.db().as_ref()).unwrap()[0].checksum;
-        drop(store);
-        srt.close_unclean();
-        c
-    };
-    std::fs::remove_file(dir.path().join(spool::relative_path(&checksum))).unwrap();
-    let (_s, _rt, rec) = open(dir.path(), &[]);
-    assert_eq!(rec.missing_files, 1);
-}
-
-/// Indexed attributes beyond the in-memory head (a large private element before the patient and
-/// study modules) are read back from the file; the stored bytes are exactly those received, in
-/// PDVs of every size (buffered and written directly).
 #[tokio::test(flavor = "multi_thread")]
-async fn attributes_past_the_head_are_read_from_the_file() {
+async fn commits_lost_with_the_stop_are_rebuilt_from_the_records() {
     let dir = tempfile::tempdir().unwrap();
     let (store, rt, _) = open(dir.path(), &["pacs"]);
-    let base = dataset("1.9.7");
-    // Split after (0008,0060) Modality: the rest starts with (0010,0020).
-    let split = base
-        .windows(4)
-        .position(|w| w == [0x10, 0x00, 0x20, 0x00])
-        .unwrap();
-    let mut data = base[..split].to_vec();
-    // (0009,1000) OB, explicit VR with a 4-byte length (PS3.5 section 7.1.2).
-    let private = vec![0x5au8; 3 * super::HEAD_BYTES];
-    data.extend_from_slice(&[0x09, 0x00, 0x00, 0x10, b'O', b'B', 0, 0]);
-    data.extend_from_slice(&(private.len() as u32).to_le_bytes());
-    data.extend_from_slice(&private);
-    data.extend_from_slice(&base[split..]);
-    let mut i = store.begin(incoming("1.9.7")).unwrap();
-    for chunk in [&data[..100], &data[100..70_000], &data[70_000..]] {
-        i.write(chunk).unwrap();
-    }
-    let stored = i.finish().await.unwrap();
-    assert_eq!(stored.outcome, CommitOutcome::Stored);
-    assert_eq!(stored.study_instance_uid, "1.2.3.4");
-    assert_eq!(stored.series_instance_uid, "1.2.3.4.5");
-    assert_eq!(stored.size, data.len() as u64);
-    let row = index::get(store.db().as_ref(), "1.9.7").unwrap().unwrap();
-    assert_eq!(row.patient_id, "PID");
-    let file = dir.path().join(spool::relative_path(&row.checksum));
-    let bytes = std::fs::read(&file).unwrap();
-    assert!(
-        bytes.ends_with(&data),
-        "stored bytes differ from the received dataset"
+    assert_eq!(
+        store_one(&store, "1.9.1", &dataset("1.9.1")).await,
+        CommitOutcome::Stored
     );
     drop(store);
     rt.close().unwrap();
-}
+    let before = snapshot(dir.path());
 
-fn spool_bytes(sop: &str, ds: &[u8]) -> Vec<u8> {
-    let mut bytes = spool::encode_header(&spool::FileMeta {
-        sop_class_uid: "1.2.840.10008.5.1.4.1.1.7".into(),
-        sop_instance_uid: sop.into(),
-        transfer_syntax: "1.2.840.10008.1.2.1".into(),
-        source_ae: "CT01".into(),
-    });
-    bytes.extend_from_slice(ds);
-    bytes
-}
-
-/// Stores `(sop, dataset)` pairs through the normal path, then stops without a clean shutdown.
-fn store_then_crash(dir: &Path, items: &[(&str, Vec<u8>)]) -> Vec<InstanceRecord> {
-    let rt = tokio::runtime::Builder::new_multi_thread().build().unwrap();
-    let (store, srt, _) = open(dir, &["pacs"]);
-    rt.block_on(async {
-        for (sop, ds) in items {
-            let mut i = store.begin(incoming(sop)).unwrap();
-            i.write(ds).unwrap();
-            i.finish().await.unwrap();
-        }
-    });
-    let rows = index::all_instances(store.db().as_ref()).unwrap();
-    // Markers of settled rows go with the next commit; only the last one may still be there.
-    assert!(
-        index::unsettled_count(store.db()) <= 1,
-        "settled rows keep markers"
+    let (store, rt, _) = open(dir.path(), &["pacs"]);
+    for sop in ["1.9.2", "1.9.3", "1.9.4"] {
+        assert_eq!(
+            store_one(&store, sop, &dataset(sop)).await,
+            CommitOutcome::Stored
+        );
+    }
+    // A new version of 1.9.1 and a duplicate of 1.9.2, in record order.
+    let mut v2 = dataset("1.9.1");
+    v2.extend_from_slice(b"\x20\x00\x11\x00IS\x02\x007 ");
+    assert_eq!(
+        store_one(&store, "1.9.1", &v2).await,
+        CommitOutcome::Replaced
+    );
+    assert_eq!(
+        store_one(&store, "1.9.2", &dataset("1.9.2")).await,
+        CommitOutcome::Duplicate
     );
     drop(store);
-    srt.close_unclean();
-    let (db, _) = index::open(dir, 1 << 20).unwrap();
-    assert_eq!(
-        index::unsettled_count(&db),
-        0,
-        "the index thread's last markers stay"
-    );
-    rows
-}
-
-/// The three flushes of an acknowledgement run concurrently (module doc), so a power cut can
-/// leave committed rows whose file is missing (rename not durable) or torn (data not durable).
-/// Those were never acknowledged: start-up drops them with their queue entries and keeps the
-/// intact one, and the markers are gone afterwards.
-#[test]
-fn unsettled_rows_without_a_durable_file_are_dropped_at_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let rows = store_then_crash(
-        dir.path(),
-        &[
-            ("1.9.20", dataset("1.9.20")),
-            ("1.9.21", dataset("1.9.21")),
-            ("1.9.22", dataset("1.9.22")),
-        ],
-    );
-    let path = |sop: &str| {
-        let r = rows.iter().find(|r| r.sop_instance_uid == sop).unwrap();
-        (
-            dir.path().join(spool::relative_path(&r.checksum)),
-            r.checksum,
-        )
-    };
-    {
-        let (db, _) = index::open(dir.path(), 1 << 20).unwrap();
-        for sop in ["1.9.20", "1.9.21", "1.9.22"] {
-            index::mark_unsettled(&db, sop, &path(sop).1);
-        }
-    }
-    std::fs::remove_file(path("1.9.20").0).unwrap();
-    let torn = std::fs::read(path("1.9.21").0).unwrap();
-    std::fs::write(path("1.9.21").0, &torn[..torn.len() - 20]).unwrap();
+    rt.close_unclean();
+    lose_index_commits_since(dir.path(), &before);
 
     let (store, rt, rec) = open(dir.path(), &["pacs"]);
-    assert_eq!(rec.unacknowledged_dropped, 2);
-    assert_eq!(rec.missing_files, 0);
-    assert_eq!(rec.quarantined, 0);
-    let left: Vec<String> = index::all_instances(store.db().as_ref())
-        .unwrap()
-        .into_iter()
-        .map(|r| r.sop_instance_uid)
-        .collect();
-    assert_eq!(left, ["1.9.22"]);
-    assert_eq!(queue::stats(store.db(), "pacs").unwrap().0.pending, 1);
-    assert!(!path("1.9.21").0.exists(), "torn file left behind");
-    assert!(path("1.9.22").0.exists());
-    assert_eq!(index::unsettled_count(store.db()), 0);
+    assert_eq!(rec.reindexed, 4, "{rec:?}");
+    assert_eq!(rec.skipped, 1, "the freed duplicate: {rec:?}");
+    assert_eq!(rec.tail_bytes_removed, 0);
+    let rows = index::all_instances(store.db().as_ref()).unwrap();
+    assert_eq!(rows.len(), 4);
+    let v = rows.iter().find(|r| r.sop_instance_uid == "1.9.1").unwrap();
+    assert_eq!(
+        read_dataset(dir.path(), v).unwrap(),
+        v2,
+        "the newer version wins"
+    );
+    for r in &rows {
+        read_dataset(dir.path(), r).unwrap();
+    }
+    // Queued once each (1.9.1 was queued in the first run and again for its new version).
+    let (counts, _) = queue::stats(store.db(), "pacs").unwrap();
+    assert_eq!(counts.pending, 4);
     drop(store);
     rt.close().unwrap();
+    // Recovery is durable: nothing to do the next time.
+    let (_s, _rt, rec) = open(dir.path(), &["pacs"]);
+    assert_eq!((rec.reindexed, rec.skipped), (0, 0), "{rec:?}");
 }
 
-/// A new version of an instance committed just before a crash: the old version's file is
-/// deleted only once the new one is settled. If the new file survived, it stays the row and the
-/// old file goes; if it did not, the old version (acknowledged earlier) comes back, queued.
-#[test]
-fn a_replaced_version_survives_until_its_replacement_is_durable() {
-    let v2 = |sop: &str| {
-        let mut d = dataset(sop);
-        // (0020,0013) Instance Number IS "2 ": different bytes, same instance.
-        d.extend_from_slice(&[0x20, 0x00, 0x13, 0x00, b'I', b'S', 2, 0, b'2', b' ']);
-        d
-    };
-    for new_file_survived in [true, false] {
-        let dir = tempfile::tempdir().unwrap();
-        let rows = store_then_crash(
-            dir.path(),
-            &[("1.9.30", dataset("1.9.30")), ("1.9.30", v2("1.9.30"))],
-        );
-        assert_eq!(rows.len(), 1);
-        let new = rows[0].checksum;
-        let old: spool::Hash = blake3::hash(&dataset("1.9.30")).into();
-        assert!(!dir.path().join(spool::relative_path(&old)).exists());
-        // As the crash before the settle left it: old file still there, marker on the new row.
-        std::fs::write(
-            dir.path().join(spool::relative_path(&old)),
-            spool_bytes("1.9.30", &dataset("1.9.30")),
-        )
-        .unwrap();
-        {
-            let (db, _) = index::open(dir.path(), 1 << 20).unwrap();
-            index::mark_unsettled(&db, "1.9.30", &new);
-        }
-        if !new_file_survived {
-            std::fs::remove_file(dir.path().join(spool::relative_path(&new))).unwrap();
-        }
-        let (store, rt, rec) = open(dir.path(), &["pacs"]);
-        let row = index::get(store.db().as_ref(), "1.9.30").unwrap().unwrap();
-        if new_file_survived {
-            assert_eq!(row.checksum, new);
-            assert_eq!(rec.reindexed, 0);
-            assert!(!dir.path().join(spool::relative_path(&old)).exists());
-        } else {
-            assert_eq!(row.checksum, old, "the acknowledged old version is lost");
-            assert_eq!(rec.unacknowledged_dropped, 1);
-            assert_eq!(rec.reindexed, 1);
-            assert_eq!(queue::stats(store.db(), "pacs").unwrap().0.pending, 1);
-        }
-        drop(store);
-        rt.close().unwrap();
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unfinished_or_torn_record_is_never_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, rt, _) = open(dir.path(), &["pacs"]);
+    drop(store);
+    rt.close().unwrap();
+    let before = snapshot(dir.path());
+    let (store, rt, _) = open(dir.path(), &["pacs"]);
+    for sop in ["1.9.2", "1.9.3"] {
+        store_one(&store, sop, &dataset(sop)).await;
     }
+    let rows = index::all_instances(store.db().as_ref()).unwrap();
+    drop(store);
+    rt.close_unclean();
+    lose_index_commits_since(dir.path(), &before);
+    let last = rows
+        .iter()
+        .map(|r| r.location)
+        .max_by_key(|l| l.offset)
+        .unwrap();
+    let path = segment::segment_path(dir.path(), last.segment);
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    // The last record's body did not reach the disk before the stop (its header did), and a
+    // body without header follows it.
+    f.write_all_at(&[0u8; 16], last.body_start() + 140).unwrap();
+    f.write_all_at(&[1u8; 5000], last.end() + segment::RECORD_HEADER)
+        .unwrap();
+    drop(f);
+
+    let (store, _rt, rec) = open(dir.path(), &["pacs"]);
+    assert_eq!((rec.reindexed, rec.skipped), (1, 1), "{rec:?}");
+    assert_eq!(rec.tail_bytes_removed, segment::RECORD_HEADER + 5000);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), last.end());
+    let rows = index::all_instances(store.db().as_ref()).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_ne!(rows[0].location, last);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_segment_is_reported_and_empty_segments_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, rt, _) = open(dir.path(), &["pacs"]);
+    store_one(&store, "1.9.1", &dataset("1.9.1")).await;
+    let seg = index::get(store.db().as_ref(), "1.9.1")
+        .unwrap()
+        .unwrap()
+        .location
+        .segment;
+    drop(store);
+    rt.close().unwrap();
+    std::fs::remove_file(segment::segment_path(dir.path(), seg)).unwrap();
+    // A segment created just before a crash, without a whole header.
+    let torn = segment::segment_path(dir.path(), seg + 1);
+    std::fs::write(&torn, b"DGWSEG").unwrap();
+    let (store, rt, rec) = open(dir.path(), &["pacs"]);
+    assert_eq!(rec.missing_records, 1, "{rec:?}");
+    assert_eq!(rec.segments_removed, 1, "{rec:?}");
+    assert!(!torn.exists());
+    // The row stays (its forwarding fails visibly), and new segments get new ids.
+    assert!(index::get(store.db().as_ref(), "1.9.1").unwrap().is_some());
+    store_one(&store, "1.9.2", &dataset("1.9.2")).await;
+    let new = index::get(store.db().as_ref(), "1.9.2")
+        .unwrap()
+        .unwrap()
+        .location
+        .segment;
+    assert!(new > seg + 1);
+    // Replaced: the segment of the only live row moves; the old one is deleted when closed.
+    let mut v2 = dataset("1.9.2");
+    v2.extend_from_slice(b"\x20\x00\x11\x00IS\x02\x007 ");
+    assert_eq!(
+        store_one(&store, "1.9.2", &v2).await,
+        CommitOutcome::Replaced
+    );
+    drop(store);
+    rt.close().unwrap();
+    let (store, _rt, rec) = open(dir.path(), &["pacs"]);
+    assert_eq!(
+        rec.segments_removed, 0,
+        "the segment still holds the new version"
+    );
+    let r = index::get(store.db().as_ref(), "1.9.2").unwrap().unwrap();
+    assert_eq!(read_dataset(dir.path(), &r).unwrap(), v2);
 }

@@ -2,7 +2,6 @@
 //! spool file holds, against what was sent.
 
 use std::fs::File;
-use std::path::Path;
 
 use super::{data, InstanceJson};
 
@@ -10,11 +9,12 @@ use super::{data, InstanceJson};
 /// size, checksum and calling AE, and that its spool file holds the same dataset bytes behind
 /// a valid Part 10 header.
 pub fn assert_stored(
-    data_dir: &Path,
+    gw: &super::Gateway,
     rows: &[InstanceJson],
     expected: &[data::FileInfo],
     calling_ae: &str,
 ) {
+    let exported = gw.export_all();
     for e in expected {
         let matching: Vec<&InstanceJson> = rows
             .iter()
@@ -48,21 +48,21 @@ pub fn assert_stored(
             "checksum of {what} (BLAKE3 of the dataset as sent)"
         );
         assert_eq!(r.calling_ae, calling_ae, "calling AE of {what}");
-        assert_spool_file(data_dir, r);
+        assert_exported_file(&exported.join(format!("{}.dcm", r.sop_instance_uid)), r);
     }
 }
 
 /// Checks one spool file against its index row: inside `spool/`, Part 10 header naming the
 /// same instance and transfer syntax, dataset bytes hashing to the row's checksum.
-pub fn assert_spool_file(data_dir: &Path, r: &InstanceJson) {
-    let rel = Path::new(&r.path);
-    assert!(
-        rel.is_relative() && rel.starts_with("spool"),
-        "path {:?} of {} should be relative to data_dir and under spool/",
-        r.path,
-        r.sop_instance_uid
-    );
-    let file = data_dir.join(rel);
+/// Exports the instance (`dicom-gateway export`, gateway stopped) and checks the Part 10 file
+/// against its index row: meta group, dataset size and checksum.
+pub fn assert_spool_file(gw: &super::Gateway, r: &InstanceJson) {
+    assert_exported_file(&gw.export(&r.sop_instance_uid), r);
+}
+
+/// Checks a file written by `dicom-gateway export` against the index row of its instance.
+pub fn assert_exported_file(file: &std::path::Path, r: &InstanceJson) {
+    let file = file.to_path_buf();
     let meta = data::read_meta(&file)
         .unwrap_or_else(|e| panic!("spool file of {}: {e}", r.sop_instance_uid));
     assert_eq!(
@@ -85,7 +85,7 @@ pub fn assert_spool_file(data_dir: &Path, r: &InstanceJson) {
     );
     let len = File::open(&file)
         .and_then(|f| f.metadata())
-        .expect("stat spool file")
+        .expect("stat exported file")
         .len();
     assert_eq!(
         len - meta.dataset_offset,

@@ -140,5 +140,7 @@ pub struct InstanceJson {
     pub size: u64,
     pub checksum: String,
     pub calling_ae: String,
-    pub path: String,
+    /// Segment id and record offset (`segments/<id>.seg`).
+    pub segment: u64,
+    pub offset: u64,
 }

@@ -376,27 +376,113 @@ impl Gateway {
         })
     }
 
-    /// Files under `data_dir/tmp` (recursively).
-    pub fn tmp_files(&self) -> Vec<PathBuf> {
-        files_under(&self.data_dir().join("tmp"))
+    /// Writes a stored instance out with `dicom-gateway export` (gateway stopped); returns the
+    /// Part 10 file.
+    pub fn export(&self, sop_instance_uid: &str) -> PathBuf {
+        let out = self.scratch("export").join(format!(
+            "{sop_instance_uid}-{}.dcm",
+            EXPORTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        gateway_cli([
+            OsStr::new("export"),
+            OsStr::new("--config"),
+            self.config_path().as_os_str(),
+            OsStr::new(sop_instance_uid),
+            OsStr::new("--out"),
+            out.as_os_str(),
+        ])
+        .assert_success();
+        out
     }
 
-    /// Files under `data_dir/spool` (recursively).
-    pub fn spool_files(&self) -> Vec<PathBuf> {
-        files_under(&self.data_dir().join("spool"))
+    /// Writes every stored instance out with `dicom-gateway export` (gateway stopped) into a
+    /// new directory, as `<SOP Instance UID>.dcm`; returns the directory.
+    pub fn export_all(&self) -> PathBuf {
+        let out = self.scratch("export").join(format!(
+            "all-{}",
+            EXPORTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        gateway_cli([
+            OsStr::new("export"),
+            OsStr::new("--config"),
+            self.config_path().as_os_str(),
+            OsStr::new("--out"),
+            out.as_os_str(),
+        ])
+        .assert_success();
+        out
     }
 
-    /// Waits until `tmp/` is empty; panics with what is left.
-    pub fn assert_tmp_empty_within(&self, timeout: Duration) {
+    /// The records in the segments (`dicom-gateway segments --json`; works while running).
+    pub fn records(&self) -> Vec<RecordJson> {
+        let out = gateway_cli([
+            OsStr::new("segments"),
+            OsStr::new("--data-dir"),
+            self.data_dir().as_os_str(),
+            OsStr::new("--json"),
+        ]);
+        out.assert_success();
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "segments --json printed no valid JSON array ({e}):\n{}",
+                out.stdout
+            )
+        })
+    }
+
+    /// SOP Instance UIDs of the intact records in the segments: what is stored, live or not
+    /// (a duplicate's record is not intact: its body is freed).
+    pub fn stored_records(&self) -> Vec<String> {
+        self.records()
+            .into_iter()
+            .filter_map(|r| r.sop_instance_uid)
+            .collect()
+    }
+
+    /// Bytes in segment files after their last complete record: what an unfinished instance
+    /// left behind. One entry per segment that has any.
+    pub fn unfinished_records(&self) -> Vec<String> {
+        let mut ends: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        for r in self.records() {
+            let e = ends.entry(r.segment).or_insert(0);
+            *e = (*e).max(r.offset + r.length);
+        }
+        let mut out = Vec::new();
+        for f in files_under(&self.data_dir().join("segments")) {
+            let Some(id) = f
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".seg"))
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+            else {
+                out.push(format!("unexpected file {}", f.display()));
+                continue;
+            };
+            let len = std::fs::metadata(&f).map_or(0, |m| m.len());
+            // 64: the segment header.
+            let end = ends.get(&id).copied().unwrap_or(64);
+            if len > end {
+                out.push(format!(
+                    "{}: {} bytes after the last record",
+                    f.display(),
+                    len - end
+                ));
+            }
+        }
+        out
+    }
+
+    /// Waits until no segment holds an unfinished record; panics with what is left.
+    pub fn assert_no_unfinished_within(&self, timeout: Duration) {
         let start = Instant::now();
         loop {
-            let left = self.tmp_files();
+            let left = self.unfinished_records();
             if left.is_empty() {
                 return;
             }
             assert!(
                 start.elapsed() < timeout,
-                "tmp/ still holds {left:?} after {timeout:?}; log:\n{}",
+                "unfinished records left {left:?} after {timeout:?}; log:\n{}",
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -451,6 +537,18 @@ pub fn normalize(s: &str) -> String {
 }
 
 /// Every regular file under `dir`, sorted; empty if `dir` does not exist.
+static EXPORTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One line of `dicom-gateway segments --json`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct RecordJson {
+    pub segment: u64,
+    pub offset: u64,
+    pub length: u64,
+    pub intact: bool,
+    pub sop_instance_uid: Option<String>,
+}
+
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];

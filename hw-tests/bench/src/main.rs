@@ -1295,7 +1295,8 @@ fn wan_row(ctx: &Ctx, notes: &mut Vec<String>) -> Res<Row> {
 /// Builds (once, cached in the work directory) a gateway data directory holding `n` tiny
 /// instances, ingested through the gateway itself.
 fn ensure_index(ctx: &Ctx, n: u64, notes: &mut Vec<String>) -> Res<PathBuf> {
-    let dir = ctx.work.join(format!("index-{n}"));
+    // Named after the index schema: a data directory of another schema is refused at start.
+    let dir = ctx.work.join(format!("index-v2-{n}"));
     let marker = dir.with_extension("complete");
     if marker.exists() {
         notes.push(format!(

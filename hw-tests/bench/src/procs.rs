@@ -393,6 +393,8 @@ pub struct Receiver {
     pub dir: PathBuf,
     /// Where stored instances are counted.
     pub store_dir: PathBuf,
+    /// The gateway binary (its `segments` command counts what it stored).
+    cli: PathBuf,
     pub config: PathBuf,
     /// Time from spawn to ready (the gateway: to READY=1).
     pub startup: Duration,
@@ -462,7 +464,7 @@ impl Receiver {
             None => free_port()?,
         };
         let store_dir = match peer {
-            Peer::Gateway => dir.join("data").join("spool"),
+            Peer::Gateway => dir.join("data"),
             Peer::Orthanc => dir.join("storage"),
             _ => dir.join("out"),
         };
@@ -574,6 +576,7 @@ impl Receiver {
             port,
             dir: dir.to_path_buf(),
             store_dir,
+            cli: tools.gateway.clone(),
             config,
             startup,
             traced: opts.strace.is_some(),
@@ -588,7 +591,20 @@ impl Receiver {
     /// Instances stored so far (files in its storage directory).
     pub fn stored(&self) -> u64 {
         match self.peer {
-            Peer::Gateway => count_files(&self.store_dir, Some(".dcm")),
+            // Intact records in its segments, as `dicom-gateway segments` lists them.
+            Peer::Gateway => {
+                let out = Command::new(&self.cli)
+                    .arg("segments")
+                    .arg("--data-dir")
+                    .arg(&self.store_dir)
+                    .arg("--json")
+                    .output();
+                out.ok()
+                    .and_then(|o| serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout).ok())
+                    .map_or(0, |v| {
+                        v.iter().filter(|r| r["intact"] == true).count() as u64
+                    })
+            }
             _ => count_files(&self.store_dir, None),
         }
     }

@@ -20,6 +20,7 @@ fn record(sop: &str) -> InstanceRecord {
         calling_ae: "CT01".into(),
         received_at_ms: 1,
         state: 0,
+        location: Default::default(),
     }
 }
 
