@@ -35,9 +35,11 @@ One Application Entity, the **Storage SCP AE**, with the AE title of `gateway.ae
 configuration (embedded default `DICOM_GW`). It listens on every `[[listen]]` address
 (default port 104; the embedded default configuration listens on 127.0.0.1:11112).
 
-Each received instance is written to a spool file (DICOM Part 10, dataset bytes exactly as
-received), fsynced, renamed into place, its directory fsynced, and indexed in a transactional
-database with a durable commit. Only then is C-STORE-RSP with status Success sent.
+Each received instance is appended to a segment file as a DICOM Part 10 file (dataset bytes
+exactly as received) followed by its index entry, the segment is fsynced, and the instance is
+indexed in a transactional database (flushed within a second; start-up re-indexes from the
+segments whatever a crash kept from being flushed). Only then is C-STORE-RSP with status
+Success sent.
 
 ## 3. AE specification: Storage SCP AE
 
