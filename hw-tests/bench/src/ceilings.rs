@@ -116,19 +116,26 @@ pub fn iperf3(
     Err(format!("iperf3 client failed: {last}"))
 }
 
-/// `count` records of `size` bytes written one after another into a file that was filled and
-/// fsynced beforehand (so no block allocation or size change remains), with `fdatasync` after
-/// every `batch` records: the flush cost of a segment/log spool with group commit, for
-/// comparison with [`file_fsync`] (a new file, its inode and its journal commit per instance).
-/// Returns records per second.
-pub fn segment_fdatasync(dir: &Path, count: u32, size: usize, batch: u32) -> Res<f64> {
+/// `count` records of `size` bytes written one after another into one file, with `fdatasync`
+/// after every `batch` records: the flush cost of a segment spool, for comparison with
+/// [`file_fsync`] (a new file, its inode and directory entry per instance). `prewritten`: the
+/// file was filled and fsynced beforehand, so no block allocation or size change remains;
+/// otherwise each record extends the file (what the gateway's segments do). Returns records
+/// per second.
+pub fn segment_fdatasync(
+    dir: &Path,
+    count: u32,
+    size: usize,
+    batch: u32,
+    prewritten: bool,
+) -> Res<f64> {
     use std::os::unix::fs::FileExt;
     let path = dir.join(format!("segment-{size}-{batch}"));
     let total = u64::from(count) * size as u64;
     let r = (|| -> std::io::Result<f64> {
         let f = File::create(&path)?;
         let zeros = vec![0u8; 1 << 20];
-        let mut left = total;
+        let mut left = if prewritten { total } else { 0 };
         while left > 0 {
             let n = usize::try_from(left.min(zeros.len() as u64)).unwrap_or(zeros.len());
             f.write_all_at(&zeros[..n], total - left)?;

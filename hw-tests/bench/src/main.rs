@@ -770,17 +770,21 @@ fn measure_ceilings(ctx: &Ctx, sizes: &Sizes, ceil: &mut Ceil) -> Vec<String> {
             ceil.small_file4 = small;
         }
     }
-    // What a segment/log spool would pay instead (records overwrite pre-allocated, fsynced
-    // space; one fdatasync per record, or per 4 records as a group commit of 4 associations).
+    // What a segment spool pays: records appended to a growing file (the gateway's segments),
+    // or overwriting pre-written, fsynced space; one fdatasync per record, or per 4 records as
+    // a group commit of 4 associations would.
     for (size, label) in [(ct_size, "CT instance"), (8192, "8 KB")] {
-        for batch in [1u32, 4] {
+        for (batch, prewritten) in [(1u32, false), (1, true), (4, true)] {
+            let kind = if prewritten {
+                "into a pre-written segment file"
+            } else {
+                "appended to a segment file (the gateway's layout)"
+            };
             let r = one(
                 &mut lines,
-                &format!(
-                    "{n} records of {size} B ({label}) into a pre-written segment file, fdatasync every {batch}"
-                ),
+                &format!("{n} records of {size} B ({label}) {kind}, fdatasync every {batch}"),
                 "records/s",
-                ceilings::segment_fdatasync(&dir, n, size, batch),
+                ceilings::segment_fdatasync(&dir, n, size, batch, prewritten),
             );
             if let (Some(r), true) = (r, size == ct_size) {
                 lines.push(format!(
