@@ -1436,9 +1436,9 @@ fn startup_row(ctx: &Ctx, n: u64, notes: &mut Vec<String>) -> Res<Row> {
     let title = format!("start-up to READY=1, {n} indexed instances");
     let mut cs = interleave(&title, ctx.reps, arms);
     if !ctx.smoke {
-        // After a crash the gateway repairs redb and reconciles the spool with the index
+        // After a crash the gateway repairs redb and indexes the segment records past the durable index
         // before READY (DESIGN.md section 2). One run: SIGKILL, then time the next start.
-        let mut c = Contender::new("dicom-gateway after SIGKILL (redb repair + reconciliation)");
+        let mut c = Contender::new("dicom-gateway after SIGKILL (redb repair + segment recovery)");
         let r = (|| -> Res<f64> {
             let mut r = Receiver::start(&ctx.tools, Peer::Gateway, &dir, &keep)?;
             r.proc.crash();
