@@ -613,17 +613,23 @@ fn export(
     }
 }
 
+/// Runs `load` on the data directory named by the arguments; prints its error and fails.
+fn load_offline<T>(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    load: impl FnOnce(&std::path::Path) -> Result<T, String>,
+) -> Result<T, ExitCode> {
+    let data_dir = resolve_data_dir(config, data_dir)?;
+    load(&data_dir).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 fn segments(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> ExitCode {
-    let data_dir = match resolve_data_dir(config, data_dir) {
-        Ok(d) => d,
-        Err(code) => return code,
-    };
-    let records = match dicom_gateway::store::list_records(&data_dir) {
+    let records = match load_offline(config, data_dir, dicom_gateway::store::list_records) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     if json {
         let v: Vec<serde_json::Value> = records
@@ -664,16 +670,9 @@ fn segments(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> E
 }
 
 fn instances(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> ExitCode {
-    let data_dir = match resolve_data_dir(config, data_dir) {
-        Ok(d) => d,
-        Err(code) => return code,
-    };
-    let rows = match dicom_gateway::store::read_instances(&data_dir) {
+    let rows = match load_offline(config, data_dir, dicom_gateway::store::read_instances) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     if json {
         let v: Vec<serde_json::Value> = rows

@@ -379,37 +379,30 @@ impl Gateway {
     /// Writes a stored instance out with `dicom-gateway export` (gateway stopped); returns the
     /// Part 10 file.
     pub fn export(&self, sop_instance_uid: &str) -> PathBuf {
-        let out = self.scratch("export").join(format!(
-            "{sop_instance_uid}-{}.dcm",
-            EXPORTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        gateway_cli([
-            OsStr::new("export"),
-            OsStr::new("--config"),
-            self.config_path().as_os_str(),
-            OsStr::new(sop_instance_uid),
-            OsStr::new("--out"),
-            out.as_os_str(),
-        ])
-        .assert_success();
-        out
+        self.run_export(Some(sop_instance_uid))
     }
 
     /// Writes every stored instance out with `dicom-gateway export` (gateway stopped) into a
     /// new directory, as `<SOP Instance UID>.dcm`; returns the directory.
     pub fn export_all(&self) -> PathBuf {
-        let out = self.scratch("export").join(format!(
-            "all-{}",
-            EXPORTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        gateway_cli([
+        self.run_export(None)
+    }
+
+    fn run_export(&self, sop_instance_uid: Option<&str>) -> PathBuf {
+        let n = EXPORTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let out = self.scratch("export").join(match sop_instance_uid {
+            Some(uid) => format!("{uid}-{n}.dcm"),
+            None => format!("all-{n}"),
+        });
+        let config = self.config_path();
+        let mut args = vec![
             OsStr::new("export"),
             OsStr::new("--config"),
-            self.config_path().as_os_str(),
-            OsStr::new("--out"),
-            out.as_os_str(),
-        ])
-        .assert_success();
+            config.as_os_str(),
+        ];
+        args.extend(sop_instance_uid.map(OsStr::new));
+        args.extend([OsStr::new("--out"), out.as_os_str()]);
+        gateway_cli(args).assert_success();
         out
     }
 
