@@ -626,32 +626,51 @@ fn load_offline<T>(
     })
 }
 
+/// Prints `rows` as one JSON array, or as a table: header, a line each, and a count.
+fn print_rows<T>(
+    rows: &[T],
+    json: bool,
+    to_json: impl Fn(&T) -> serde_json::Value,
+    header: &str,
+    line: impl Fn(&T) -> String,
+    noun: &str,
+) -> ExitCode {
+    if json {
+        let v: Vec<serde_json::Value> = rows.iter().map(to_json).collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else {
+        println!("{header}");
+        for r in rows {
+            println!("{}", line(r));
+        }
+        println!("{} {noun}(s)", rows.len());
+    }
+    ExitCode::SUCCESS
+}
+
 fn segments(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> ExitCode {
     let records = match load_offline(config, data_dir, dicom_gateway::store::list_records) {
         Ok(r) => r,
         Err(code) => return code,
     };
-    if json {
-        let v: Vec<serde_json::Value> = records
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "segment": r.location.segment,
-                    "offset": r.location.offset,
-                    "length": r.location.end() - r.location.offset,
-                    "intact": r.sop_instance_uid.is_some(),
-                    "sop_instance_uid": r.sop_instance_uid,
-                })
+    print_rows(
+        &records,
+        json,
+        |r| {
+            serde_json::json!({
+                "segment": r.location.segment,
+                "offset": r.location.offset,
+                "length": r.location.end() - r.location.offset,
+                "intact": r.sop_instance_uid.is_some(),
+                "sop_instance_uid": r.sop_instance_uid,
             })
-            .collect();
-        println!("{}", serde_json::Value::Array(v));
-    } else {
-        println!(
+        },
+        &format!(
             "{:>16}  {:>12}  {:>12}  {:<7}  SOP INSTANCE UID",
             "SEGMENT", "OFFSET", "BYTES", "INTACT"
-        );
-        for r in &records {
-            println!(
+        ),
+        |r| {
+            format!(
                 "{:>16x}  {:>12}  {:>12}  {:<7}  {}",
                 r.location.segment,
                 r.location.offset,
@@ -662,11 +681,10 @@ fn segments(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> E
                     "no"
                 },
                 r.sop_instance_uid.as_deref().unwrap_or("-")
-            );
-        }
-        println!("{} record(s)", records.len());
-    }
-    ExitCode::SUCCESS
+            )
+        },
+        "record",
+    )
 }
 
 fn instances(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> ExitCode {
@@ -674,41 +692,37 @@ fn instances(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> 
         Ok(r) => r,
         Err(code) => return code,
     };
-    if json {
-        let v: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "sop_instance_uid": r.sop_instance_uid,
-                    "sop_class_uid": r.sop_class_uid,
-                    "study_instance_uid": r.study_instance_uid,
-                    "series_instance_uid": r.series_instance_uid,
-                    "modality": r.modality,
-                    "transfer_syntax": r.transfer_syntax,
-                    "size": r.size,
-                    "checksum": spool::hex(&r.checksum),
-                    "calling_ae": r.calling_ae,
-                    "received_at_ms": r.received_at_ms,
-                    "segment": r.location.segment,
-                    "offset": r.location.offset,
-                })
+    print_rows(
+        &rows,
+        json,
+        |r| {
+            serde_json::json!({
+                "sop_instance_uid": r.sop_instance_uid,
+                "sop_class_uid": r.sop_class_uid,
+                "study_instance_uid": r.study_instance_uid,
+                "series_instance_uid": r.series_instance_uid,
+                "modality": r.modality,
+                "transfer_syntax": r.transfer_syntax,
+                "size": r.size,
+                "checksum": spool::hex(&r.checksum),
+                "calling_ae": r.calling_ae,
+                "received_at_ms": r.received_at_ms,
+                "segment": r.location.segment,
+                "offset": r.location.offset,
             })
-            .collect();
-        println!("{}", serde_json::Value::Array(v));
-    } else {
-        println!(
+        },
+        &format!(
             "{:<64}  {:<8}  {:<16}  {:>12}",
             "SOP INSTANCE UID", "MODALITY", "CALLING AE", "BYTES"
-        );
-        for r in &rows {
-            println!(
+        ),
+        |r| {
+            format!(
                 "{:<64}  {:<8}  {:<16}  {:>12}",
                 r.sop_instance_uid, r.modality, r.calling_ae, r.size
-            );
-        }
-        println!("{} instance(s)", rows.len());
-    }
-    ExitCode::SUCCESS
+            )
+        },
+        "instance",
+    )
 }
 
 /// "30m", "12h", "2d" → milliseconds.
