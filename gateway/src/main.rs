@@ -21,6 +21,18 @@ struct Cli {
     command: Command,
 }
 
+/// Where an offline command finds the data directory: `--data-dir`, the config file, or the
+/// embedded default.
+#[derive(clap::Args)]
+struct DataDir {
+    /// Config file naming the data directory.
+    #[arg(long, short, conflicts_with = "data_dir")]
+    config: Option<PathBuf>,
+    /// Data directory, instead of --config.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway in the foreground (SIGTERM or Ctrl-C stops it cleanly).
@@ -37,12 +49,8 @@ enum Command {
     },
     /// List stored instances from the index (the gateway must be stopped).
     Instances {
-        /// Config file naming the data directory.
-        #[arg(long, short, conflicts_with = "data_dir")]
-        config: Option<PathBuf>,
-        /// Data directory, instead of --config.
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        dir: DataDir,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -51,12 +59,8 @@ enum Command {
     /// (the gateway must be stopped). With a SOP Instance UID: that one, to the file --out;
     /// without: every instance, into the directory --out as <SOP Instance UID>.dcm.
     Export {
-        /// Config file naming the data directory.
-        #[arg(long, short, conflicts_with = "data_dir")]
-        config: Option<PathBuf>,
-        /// Data directory, instead of --config.
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        dir: DataDir,
         /// SOP Instance UID of the instance; without it, all.
         sop_instance_uid: Option<String>,
         /// File to write (it must not exist), or the directory for all instances.
@@ -66,12 +70,8 @@ enum Command {
     /// List the records in the segment files and whether each is intact (reads only the
     /// segments: works while the gateway runs).
     Segments {
-        /// Config file naming the data directory.
-        #[arg(long, short, conflicts_with = "data_dir")]
-        config: Option<PathBuf>,
-        /// Data directory, instead of --config.
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        dir: DataDir,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -207,22 +207,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Instances {
-            config,
-            data_dir,
-            json,
-        } => instances(config, data_dir, json),
+        Command::Instances { dir, json } => instances(dir, json),
         Command::Export {
-            config,
-            data_dir,
+            dir,
             sop_instance_uid,
             out,
-        } => export(config, data_dir, sop_instance_uid.as_deref(), &out),
-        Command::Segments {
-            config,
-            data_dir,
-            json,
-        } => segments(config, data_dir, json),
+        } => export(dir, sop_instance_uid.as_deref(), &out),
+        Command::Segments { dir, json } => segments(dir, json),
         Command::Conformance => {
             print!("{}", dicom_gateway::conformance::statement());
             ExitCode::SUCCESS
@@ -545,11 +536,8 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 }
 
 /// The data directory named by `--data-dir`, the config file, or the embedded default.
-fn resolve_data_dir(
-    config: Option<PathBuf>,
-    data_dir: Option<PathBuf>,
-) -> Result<PathBuf, ExitCode> {
-    match (config, data_dir) {
+fn resolve_data_dir(dir: DataDir) -> Result<PathBuf, ExitCode> {
+    match (dir.config, dir.data_dir) {
         (_, Some(d)) => Ok(d),
         (Some(c), None) => match Config::load(&c) {
             Ok(c) => Ok(c.gateway.data_dir),
@@ -562,13 +550,8 @@ fn resolve_data_dir(
     }
 }
 
-fn export(
-    config: Option<PathBuf>,
-    data_dir: Option<PathBuf>,
-    sop_instance_uid: Option<&str>,
-    out: &std::path::Path,
-) -> ExitCode {
-    let data_dir = match resolve_data_dir(config, data_dir) {
+fn export(dir: DataDir, sop_instance_uid: Option<&str>, out: &std::path::Path) -> ExitCode {
+    let data_dir = match resolve_data_dir(dir) {
         Ok(d) => d,
         Err(code) => return code,
     };
@@ -615,11 +598,10 @@ fn export(
 
 /// Runs `load` on the data directory named by the arguments; prints its error and fails.
 fn load_offline<T>(
-    config: Option<PathBuf>,
-    data_dir: Option<PathBuf>,
+    dir: DataDir,
     load: impl FnOnce(&std::path::Path) -> Result<T, String>,
 ) -> Result<T, ExitCode> {
-    let data_dir = resolve_data_dir(config, data_dir)?;
+    let data_dir = resolve_data_dir(dir)?;
     load(&data_dir).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::FAILURE
@@ -648,8 +630,8 @@ fn print_rows<T>(
     ExitCode::SUCCESS
 }
 
-fn segments(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> ExitCode {
-    let records = match load_offline(config, data_dir, dicom_gateway::store::list_records) {
+fn segments(dir: DataDir, json: bool) -> ExitCode {
+    let records = match load_offline(dir, dicom_gateway::store::list_records) {
         Ok(r) => r,
         Err(code) => return code,
     };
@@ -687,8 +669,8 @@ fn segments(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> E
     )
 }
 
-fn instances(config: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> ExitCode {
-    let rows = match load_offline(config, data_dir, dicom_gateway::store::read_instances) {
+fn instances(dir: DataDir, json: bool) -> ExitCode {
+    let rows = match load_offline(dir, dicom_gateway::store::read_instances) {
         Ok(r) => r,
         Err(code) => return code,
     };
