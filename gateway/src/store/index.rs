@@ -232,7 +232,7 @@ pub fn put(
                 old.sop_instance_uid.as_str(),
             ))
             .map_err(|x| e(x.into()))?;
-        adjust_live(txn, old.location.segment, -1)?;
+        update_segment(txn, old.location.segment, -1, 0)?;
     }
     by_time
         .insert((rec.received_at_ms, rec.sop_instance_uid.as_str()), ())
@@ -255,45 +255,46 @@ pub fn put(
             (),
         )
         .map_err(|x| e(x.into()))?;
-    adjust_live(txn, rec.location.segment, 1)
+    // The row's record is reflected in the index from this transaction on.
+    update_segment(txn, rec.location.segment, 1, rec.location.end())
 }
 
-/// Adds `delta` to the live rows of a segment.
-fn adjust_live(txn: &WriteTransaction, segment: u64, delta: i64) -> IndexResult<()> {
+/// Adds `live_delta` to a segment's live rows and moves its `indexed_end` up to `end` (one
+/// read-modify-write of its row).
+fn update_segment(
+    txn: &WriteTransaction,
+    segment: u64,
+    live_delta: i64,
+    end: u64,
+) -> IndexResult<()> {
     let mut t = txn.open_table(SEGMENTS).map_err(|e| e.to_string())?;
-    let (end, live) = t
+    let (indexed_end, live) = t
         .get(segment)
         .map_err(|e| e.to_string())?
         .map_or((0, 0), |v| v.value());
-    let live = live.saturating_add_signed(delta);
-    t.insert(segment, (end, live)).map_err(|e| e.to_string())?;
+    t.insert(
+        segment,
+        (indexed_end.max(end), live.saturating_add_signed(live_delta)),
+    )
+    .map_err(|e| e.to_string())?;
     Ok(())
 }
 
 /// Moves a segment's `indexed_end` past a record that is not indexed (recovery: torn, or a
 /// duplicate whose body was freed).
 pub fn skip_record(txn: &WriteTransaction, loc: &Location) -> IndexResult<()> {
-    advance_indexed(txn, loc)
-}
-
-/// Records that the segment's records up to `loc` are reflected in the index.
-fn advance_indexed(txn: &WriteTransaction, loc: &Location) -> IndexResult<()> {
-    let mut t = txn.open_table(SEGMENTS).map_err(|e| e.to_string())?;
-    let (end, live) = t
-        .get(loc.segment)
-        .map_err(|e| e.to_string())?
-        .map_or((0, 0), |v| v.value());
-    t.insert(loc.segment, (end.max(loc.end()), live))
-        .map_err(|e| e.to_string())?;
-    Ok(())
+    update_segment(txn, loc.segment, 0, loc.end())
 }
 
 /// Indexes one instance whose record is durable: its rows and queue entries, unless it is an
 /// identical duplicate; in any case its segment's `indexed_end` moves past the record.
 pub fn apply(txn: &WriteTransaction, p: &Pending) -> IndexResult<CommitOutcome> {
     let old = existing(txn, &p.record.sop_instance_uid)?;
-    let outcome = match &old {
-        Some(o) if o.checksum == p.record.checksum => CommitOutcome::Duplicate,
+    Ok(match &old {
+        Some(o) if o.checksum == p.record.checksum => {
+            skip_record(txn, &p.record.location)?;
+            CommitOutcome::Duplicate
+        }
         _ => {
             put(txn, &p.record, old.as_ref())?;
             super::queue::enqueue(
@@ -308,9 +309,7 @@ pub fn apply(txn: &WriteTransaction, p: &Pending) -> IndexResult<CommitOutcome> 
                 CommitOutcome::Stored
             }
         }
-    };
-    advance_indexed(txn, &p.record.location)?;
-    Ok(outcome)
+    })
 }
 
 /// One row of the `segments` table.
@@ -367,7 +366,7 @@ pub fn remove(txn: &WriteTransaction, rec: &InstanceRecord) -> IndexResult<()> {
         .map_err(|x| e(x.into()))?
         .remove((rec.received_at_ms, sop))
         .map_err(|x| e(x.into()))?;
-    adjust_live(txn, rec.location.segment, -1)
+    update_segment(txn, rec.location.segment, -1, 0)
 }
 
 /// Up to `n` instances, oldest received first, starting after `after` (exclusive).
@@ -415,13 +414,8 @@ pub fn for_each_instance(
 
 /// Every instance record, in SOP Instance UID order.
 pub fn all_instances(db: &impl ReadableDatabase) -> IndexResult<Vec<InstanceRecord>> {
-    let txn = db.begin_read().map_err(|e| e.to_string())?;
-    let table = txn.open_table(INSTANCES).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    for row in table.iter().map_err(|e| e.to_string())? {
-        let (_, v) = row.map_err(|e| e.to_string())?;
-        out.push(postcard::from_bytes(v.value()).map_err(|e| format!("corrupt index row: {e}"))?);
-    }
+    for_each_instance(db, |r| out.push(r))?;
     Ok(out)
 }
 

@@ -401,6 +401,13 @@ impl Ingest {
         let bytes = postcard::to_stdvec(&meta).map_err(|e| StoreError::Task {
             message: format!("cannot encode the record meta: {e}"),
         })?;
+        if bytes.len() > segment::MAX_META as usize {
+            // Only a broken invariant gets here (parse caps the indexed fields): refuse this
+            // instance, nothing is written yet.
+            return Err(StoreError::CannotUnderstand {
+                reason: format!("its index entry would take {} bytes", bytes.len()),
+            });
+        }
         let seq = self.store.inner.pool.next_seq();
         let body_len = self.written;
         let seg = self.segment()?;
@@ -757,7 +764,7 @@ fn write_part10(
     let mut body = segment::Range::new(&file, loc.body_start(), loc.body_len);
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
-    let (mut copied, mut header_left) = (0u64, loc.body_len - rec.size);
+    let (mut copied, mut header_left) = (0u64, loc.body_len.saturating_sub(rec.size));
     loop {
         let n = body
             .read(&mut buf)

@@ -44,6 +44,10 @@ const SERIES_INSTANCE_UID: Tag = Tag(0x0020, 0x000E);
 /// not known in advance.
 pub const MAX_VALUE_DEFLATED: u64 = 64 * 1024 * 1024;
 
+/// Characters of an indexed value kept in the index: four times the longest of their VRs
+/// (LO and UI, 64; PS3.5 section 6.2), so valid values are never cut.
+pub const MAX_FIELD_CHARS: usize = 256;
+
 /// Counts the bytes the decoder has taken.
 struct Counted<R> {
     inner: R,
@@ -144,11 +148,15 @@ pub fn read_fields(
                 }
             }
             DataToken::PrimitiveValue(v) if depth == 0 => {
+                // The index keeps at most MAX_FIELD_CHARS of a value (the spooled bytes keep it
+                // whole): a sender's oversized value cannot bloat the row or the record meta.
                 let text = || {
                     v.to_str()
                         .trim_end_matches(['\0', ' '])
                         .trim_start()
-                        .to_owned()
+                        .chars()
+                        .take(MAX_FIELD_CHARS)
+                        .collect::<String>()
                 };
                 match wanted.take() {
                     Some(SOP_CLASS_UID) => fields.sop_class_uid = text(),
@@ -211,6 +219,18 @@ mod tests {
         let f = read_fields(&d[..], d.len() as u64, EXPLICIT).unwrap();
         assert_eq!(f.sop_instance_uid, "1.2.3.4");
         assert_eq!(f.series_instance_uid, "1.2.3.4.5");
+    }
+
+    /// An oversized value (implicit VR allows 4 GiB for a Patient ID) is cut for the index, so
+    /// the row and the segment record's meta stay small whatever the sender puts there.
+    #[test]
+    fn oversized_indexed_values_are_capped() {
+        let mut d = head();
+        el(&mut d, 0x0010, 0x0020, b"LO", "X".repeat(60_000).as_bytes());
+        el(&mut d, 0x0020, 0x000D, b"UI", b"1.2.3\0");
+        let f = read_fields(&d[..], d.len() as u64, EXPLICIT).unwrap();
+        assert_eq!(f.patient_id.len(), MAX_FIELD_CHARS);
+        assert_eq!(f.study_instance_uid, "1.2.3");
     }
 
     /// A lying length must be refused before the decoder reserves and zero-fills it.

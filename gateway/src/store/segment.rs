@@ -30,7 +30,6 @@ use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -45,8 +44,9 @@ pub const SEGMENT_HEADER: u64 = 64;
 pub const RECORD_HEADER: u64 = 64;
 /// A segment takes no new record once it is this long; it is deleted when no row refers to it.
 pub const SEGMENT_TARGET: u64 = 64 << 20;
-/// The meta of a record is small (a row and destination names); larger is damage.
-const MAX_META: u32 = 1 << 20;
+/// The meta of a record is small (a row with capped fields, and destination names); a longer
+/// one is refused before it is written, and read as damage.
+pub const MAX_META: u32 = 1 << 20;
 
 const SEGMENT_MAGIC: &[u8; 8] = b"DGWSEG01";
 const RECORD_MAGIC: &[u8; 8] = b"DGWREC01";
@@ -271,7 +271,6 @@ pub fn punch(file: &File, offset: u64, len: u64) -> io::Result<()> {
     if n == 0 {
         return Ok(());
     }
-    let _ = file.as_raw_fd();
     fallocate(
         file,
         FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
