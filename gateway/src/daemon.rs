@@ -442,7 +442,7 @@ async fn evict_loop(
     }
 }
 
-/// The checks behind WATCHDOG=1: every accept loop still runs, the index thread turned within
+/// The checks behind WATCHDOG=1: every accept loop still runs, the index flush thread turned within
 /// the last few seconds, and every destination's workers turned within their timeouts. A
 /// timer that pings whatever happens would hide exactly the hangs the watchdog is for.
 fn health(accepts: &[AbortHandle], store: &Store, dests: &forward::Destinations) -> Vec<String> {
@@ -453,7 +453,7 @@ fn health(accepts: &[AbortHandle], store: &Store, dests: &forward::Destinations)
     let age = store.index_heartbeat_age();
     if age > Duration::from_secs(20) {
         problems.push(format!(
-            "the index thread has not turned for {} s",
+            "the index flush thread has not turned for {} s (an index commit hangs)",
             age.as_secs()
         ));
     }

@@ -1,4 +1,5 @@
-//! The accept loop: one task per listening socket.
+//! The accept loop: one task per listening socket; each accepted association runs on a thread
+//! of its own ([`on_own_thread`]).
 //!
 //! Backpressure: an association runs only while it holds a permit of the shared semaphore
 //! (`gateway.max_associations`). A connection that finds none is answered A-ASSOCIATE-RJ
@@ -114,7 +115,8 @@ pub async fn accept_loop(
         match permits.associations.clone().try_acquire_owned() {
             Ok(permit) => {
                 let shared = Shared::clone(&live.get());
-                tracker.spawn(async move {
+                let token = tracker.token();
+                let spawned = on_own_thread(socket, peer, move |socket| async move {
                     match server_tls {
                         None => association::serve(socket, peer, Transport::Plain, shared).await,
                         Some(cfg) => {
@@ -125,7 +127,11 @@ pub async fn accept_loop(
                         }
                     }
                     drop(permit);
+                    drop(token);
                 });
+                if let Err(e) = spawned {
+                    log::error!(peer:% = peer, error:% = e; "connection dropped: cannot start its association thread");
+                }
             }
             Err(_) => match permits.refusals.clone().try_acquire_owned() {
                 Ok(permit) => {
@@ -150,6 +156,42 @@ pub async fn accept_loop(
             },
         }
     }
+}
+
+/// Runs one connection on a thread of its own, under a single-threaded runtime that serves its
+/// socket and timers: the association's disk work (spool writes, `fdatasync`, index commit)
+/// then blocks this association alone, and an acknowledgement needs no hand-off between
+/// threads (the model of DCMTK's `storescp --fork`, without the process). Threads are bounded
+/// by the association permits.
+fn on_own_thread<F, Fut>(socket: TcpStream, peer: SocketAddr, serve: F) -> std::io::Result<()>
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let socket = socket.into_std()?;
+    std::thread::Builder::new()
+        .name("association".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    log::error!(peer:% = peer, error:% = e; "connection dropped: cannot start its runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match TcpStream::from_std(socket) {
+                    Ok(socket) => serve(socket).await,
+                    Err(e) => {
+                        log::error!(peer:% = peer, error:% = e; "connection dropped: cannot register its socket");
+                    }
+                }
+            });
+        })
+        .map(drop)
 }
 
 /// The first byte of a TLS connection: a handshake record (RFC 8446 section 5.1, content type

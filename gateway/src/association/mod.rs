@@ -393,7 +393,9 @@ impl Conn<'_> {
             // PS3.7 section 9.1.1.1: Priority 0x0001 is HIGH.
             high_priority: cmd.priority == 0x0001,
         };
-        tokio::task::block_in_place(|| self.shared.store.begin(incoming))
+        self.shared
+            .store
+            .begin(incoming)
             .map(Box::new)
             .map_err(|e| error::store_status(&e))
     }
@@ -409,7 +411,7 @@ impl Conn<'_> {
     ) -> Result<(), Failure> {
         let result = match (ingest, refused) {
             (_, Some(r)) => Err(r),
-            (Some(i), None) => i.finish().await.map_err(|e| error::store_status(&e)),
+            (Some(i), None) => i.finish().map_err(|e| error::store_status(&e)),
             (None, None) => Err((status::CANNOT_UNDERSTAND, "no data set".to_owned())),
         };
         let sop = uid::validate(&cmd.affected_sop_instance_uid).unwrap_or("(invalid UID)");

@@ -205,13 +205,13 @@ mod tests {
         for sop in ["1.9.1", "1.9.2"] {
             let mut i = store.begin(incoming(sop)).unwrap();
             i.write(&dataset(sop)).unwrap();
-            assert_eq!(i.finish().await.unwrap().outcome, CommitOutcome::Stored);
+            assert_eq!(i.finish().unwrap().outcome, CommitOutcome::Stored);
         }
         let records = remove_rows(store.db(), "1.2.3.4", &[]).unwrap().unwrap();
         assert_eq!(records.len(), 2);
         let mut i = store.begin(incoming("1.9.1")).unwrap();
         i.write(&dataset("1.9.1")).unwrap();
-        assert_eq!(i.finish().await.unwrap().outcome, CommitOutcome::Stored);
+        assert_eq!(i.finish().unwrap().outcome, CommitOutcome::Stored);
 
         let freed = free_records(dir.path(), &records);
         let expected: u64 = records

@@ -1,9 +1,9 @@
 //! The redb index: what is stored, looked up by instance, study, series and receive time, with
 //! each instance's place in the segments ([`super::segment`]).
 //!
-//! One thread owns the write side ([`IndexThread`]). Concurrent associations hand it instances
-//! whose segment records are already durable; it commits all their rows in one transaction
-//! (group commit) and answers each. Those commits are not flushed (`Durability::None`): every
+//! Associations commit instances whose segment records are already durable through
+//! [`IndexHandle::commit`], on their own threads; instances that arrive during a commit share
+//! the next one (group commit). Those commits are not flushed (`Durability::None`): every
 //! row can be rebuilt from its record, and each segment's `indexed_end` (committed with the
 //! rows) tells start-up where the records not yet in the durable index begin. A durable commit
 //! follows within [`DURABLE_EVERY`], and every other writer (forwarder, eviction) commits
@@ -20,7 +20,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use redb::{
@@ -40,9 +40,6 @@ const STUDIES: TableDefinition<(&str, &str), ()> = TableDefinition::new("study_i
 const SERIES: TableDefinition<(&str, &str), ()> = TableDefinition::new("series_instances");
 const BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("instances_by_time");
 const SEGMENTS: TableDefinition<u64, (u64, u64)> = TableDefinition::new("segments");
-
-/// Largest batch one group commit takes; bounds the latency of the last one in it.
-const MAX_BATCH: usize = 256;
 
 /// Longest time an ingest commit stays unflushed.
 pub const DURABLE_EVERY: Duration = Duration::from_secs(1);
@@ -98,10 +95,6 @@ pub struct Pending {
 
 /// Called after a commit with each destination that got new work.
 pub type Wake = Arc<dyn Fn(&str) + Send + Sync>;
-
-type Reply = tokio::sync::oneshot::Sender<IndexResult<CommitOutcome>>;
-
-struct Request(Box<Pending>, Reply);
 
 /// Opens (or creates) the index and checks the schema version. Returns whether the previous run
 /// ended cleanly, and marks this run as not (yet) clean.
@@ -189,7 +182,7 @@ pub fn existing(
     )
 }
 
-/// The record of an instance, read outside the index thread.
+/// The record of an instance, read outside the index writer.
 pub fn get(
     db: &impl ReadableDatabase,
     sop_instance_uid: &str,
@@ -438,151 +431,227 @@ pub fn study_instances(db: &impl ReadableDatabase, study_uid: &str) -> IndexResu
     Ok(out)
 }
 
-/// The sending side of the index thread.
-#[derive(Clone)]
+/// The write side of the index, shared by every association. An association commits its own
+/// instance on its own thread; instances that arrive while another commit runs are committed by
+/// the next association to take the writer, all in one transaction (flat combining: a group
+/// commit without a thread to hand off to and back from).
 pub struct IndexHandle {
-    tx: mpsc::SyncSender<Request>,
-    heartbeat: Arc<AtomicU64>,
+    shared: Arc<Shared>,
 }
+
+struct Shared {
+    db: Arc<Database>,
+    /// Instances waiting for a commit; whoever holds `writer` commits all of them.
+    waiting: Mutex<Vec<Request>>,
+    writer: Mutex<Writer>,
+    wake: Wake,
+    /// Called once, with the reason, when a commit fails: the gateway must stop.
+    fatal: Box<dyn Fn(&str) + Send + Sync>,
+    /// Unix ms of the flush thread's last turn; the watchdog checks it is recent.
+    heartbeat: AtomicU64,
+    /// Set when every [`IndexHandle`] is gone; the flush thread then flushes and ends.
+    closed: Mutex<bool>,
+    closing: Condvar,
+}
+
+struct Writer {
+    /// When the oldest unflushed commit returned; `None` while nothing is unflushed.
+    unflushed_since: Option<Instant>,
+    /// Set by a failed commit: redb refuses writes from then on, so does the index.
+    failed: Option<String>,
+}
+
+type Slot = Arc<OnceLock<IndexResult<CommitOutcome>>>;
+
+struct Request(Box<Pending>, Slot);
 
 impl IndexHandle {
-    /// How long since the index thread last turned (it turns at least every second).
+    /// The write side of `db`, and the thread that flushes its commits within
+    /// [`DURABLE_EVERY`]. The thread returns the database once every handle is dropped, or
+    /// `Err` if a commit failed; `fatal` is called once at the failure.
+    pub fn start(
+        db: Arc<Database>,
+        wake: Wake,
+        fatal: Box<dyn Fn(&str) + Send + Sync>,
+    ) -> std::io::Result<(IndexHandle, FlushThread)> {
+        let shared = Arc::new(Shared {
+            db,
+            waiting: Mutex::new(Vec::new()),
+            writer: Mutex::new(Writer {
+                unflushed_since: None,
+                failed: None,
+            }),
+            wake,
+            fatal,
+            heartbeat: AtomicU64::new(super::now_ms()),
+            closed: Mutex::new(false),
+            closing: Condvar::new(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("index-flush".into())
+            .spawn(move || s.flush_loop())?;
+        Ok((IndexHandle { shared }, FlushThread(thread)))
+    }
+
+    /// How long since the flush thread last turned (it turns at least every second, and not
+    /// while a commit hangs).
     pub fn heartbeat_age(&self) -> Duration {
         Duration::from_millis(
-            super::now_ms().saturating_sub(self.heartbeat.load(Ordering::Relaxed)),
+            super::now_ms().saturating_sub(self.shared.heartbeat.load(Ordering::Relaxed)),
         )
     }
 
-    /// Indexes an instance whose record is durable; answers once the commit holding it is
-    /// visible to readers (see the module doc for its durability).
-    pub async fn commit(&self, pending: Pending) -> IndexResult<CommitOutcome> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.send(Request(Box::new(pending), reply)).await?;
-        rx.await
-            .map_err(|_| "the index has stopped after an earlier failure".to_owned())?
-    }
-
-    async fn send(&self, request: Request) -> IndexResult<()> {
-        let stopped = || "the index has stopped after an earlier failure".to_owned();
-        match self.tx.try_send(request) {
-            Ok(()) => Ok(()),
-            Err(mpsc::TrySendError::Disconnected(_)) => Err(stopped()),
-            Err(mpsc::TrySendError::Full(request)) => {
-                // The channel is bounded: when the index thread falls behind, this waits (off
-                // the runtime) and the association stops reading: the backpressure we want.
-                let tx = self.tx.clone();
-                tokio::task::spawn_blocking(move || tx.send(request).map_err(|_| ()))
-                    .await
-                    .map_err(|e| format!("index queue task failed: {e}"))?
-                    .map_err(|()| stopped())
-            }
+    /// Indexes an instance whose record is durable; returns once the commit holding it is
+    /// visible to readers (see the module doc for its durability). Blocks: call from a thread
+    /// that may (an association's).
+    pub fn commit(&self, pending: Pending) -> IndexResult<CommitOutcome> {
+        let s = &self.shared;
+        let slot = Slot::default();
+        lock(&s.waiting).push(Request(Box::new(pending), slot.clone()));
+        let mut writer = lock(&s.writer);
+        if slot.get().is_none() {
+            // Not taken by the previous holder: commit it with everything queued since.
+            let batch = std::mem::take(&mut *lock(&s.waiting));
+            writer.commit_batch(s, batch);
         }
+        drop(writer);
+        slot.get()
+            .cloned()
+            .unwrap_or_else(|| Err("the index lost a commit request".to_owned()))
     }
 }
 
-/// The write side of the index; runs on its own thread.
-pub struct IndexThread {
-    db: Arc<Database>,
-    rx: mpsc::Receiver<Request>,
-    wake: Wake,
-    /// Unix ms of the thread's last turn; the watchdog checks it is recent.
-    heartbeat: Arc<AtomicU64>,
-    /// When the last durable commit returned; `None` while nothing is unflushed.
-    unflushed_since: Option<Instant>,
+impl Drop for IndexHandle {
+    fn drop(&mut self) {
+        *lock(&self.shared.closed) = true;
+        self.shared.closing.notify_all();
+    }
 }
 
-impl IndexThread {
-    pub fn new(db: Arc<Database>, wake: Wake) -> (IndexThread, IndexHandle) {
-        let (tx, rx) = mpsc::sync_channel(MAX_BATCH);
-        let heartbeat = Arc::new(AtomicU64::new(super::now_ms()));
-        (
-            IndexThread {
-                db,
-                rx,
-                wake,
-                heartbeat: heartbeat.clone(),
-                unflushed_since: None,
-            },
-            IndexHandle { tx, heartbeat },
-        )
-    }
+/// A poisoned lock means a panic while committing; the index state is still what redb
+/// committed, so go on with it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
-    /// Serves commits until every [`IndexHandle`] is dropped, then flushes and returns the
-    /// database. Returns `Err` after a failed commit: redb then refuses writes until reopened,
-    /// so the caller must stop the gateway (systemd restarts it; recovery re-indexes from the
-    /// segments).
-    pub fn run(mut self) -> Result<Arc<Database>, String> {
+/// The thread that makes ingest commits durable within [`DURABLE_EVERY`].
+pub struct FlushThread(std::thread::JoinHandle<Result<Arc<Database>, String>>);
+
+impl FlushThread {
+    /// Waits for the thread; it ends once every [`IndexHandle`] is dropped.
+    pub fn join(self) -> Result<Arc<Database>, String> {
+        self.0
+            .join()
+            .map_err(|_| "index flush thread panicked".to_owned())?
+    }
+}
+
+impl Shared {
+    fn flush_loop(self: Arc<Self>) -> Result<Arc<Database>, String> {
+        let mut closed = lock(&self.closed);
         loop {
             self.heartbeat.store(super::now_ms(), Ordering::Relaxed);
-            let wait = match self.unflushed_since {
-                Some(t) => DURABLE_EVERY.saturating_sub(t.elapsed()),
-                None => Duration::from_secs(1),
-            };
-            let first = match self.rx.recv_timeout(wait) {
-                Ok(r) => r,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if self.unflushed_since.is_some() {
-                        self.flush()?;
-                    }
-                    continue;
+            let done = *closed;
+            drop(closed);
+            {
+                let mut writer = lock(&self.writer);
+                if let Some(msg) = &writer.failed {
+                    return Err(msg.clone());
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match self.rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
+                let due = writer
+                    .unflushed_since
+                    .is_some_and(|t| done || t.elapsed() >= DURABLE_EVERY);
+                if due {
+                    writer.flush(&self)?;
+                }
+                if done {
+                    return Ok(self.db.clone());
                 }
             }
-            self.commit_batch(batch)?;
+            let wait = lock(&self.writer)
+                .unflushed_since
+                .map_or(DURABLE_EVERY, |t| DURABLE_EVERY.saturating_sub(t.elapsed()));
+            closed = lock(&self.closed);
+            if !*closed {
+                closed = self
+                    .closing
+                    .wait_timeout(closed, wait)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
         }
-        if self.unflushed_since.is_some() {
-            self.flush()?;
+    }
+}
+
+impl Writer {
+    fn fail(&mut self, shared: &Shared, msg: String) -> String {
+        if self.failed.is_none() {
+            (shared.fatal)(&msg);
+            self.failed = Some(msg.clone());
         }
-        Ok(self.db)
+        msg
     }
 
     /// A durable commit: persists every commit before it.
-    fn flush(&mut self) -> Result<(), String> {
-        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
-        txn.commit()
-            .map_err(|e| format!("index commit failed: {e}"))?;
-        self.unflushed_since = None;
-        Ok(())
+    fn flush(&mut self, shared: &Shared) -> Result<(), String> {
+        let r = shared
+            .db
+            .begin_write()
+            .map_err(|e| e.to_string())
+            .and_then(|txn| {
+                txn.commit()
+                    .map_err(|e| format!("index commit failed: {e}"))
+            });
+        match r {
+            Ok(()) => {
+                self.unflushed_since = None;
+                Ok(())
+            }
+            Err(msg) => Err(self.fail(shared, msg)),
+        }
     }
 
-    fn commit_batch(&mut self, batch: Vec<Request>) -> Result<(), String> {
-        let fail_all = |batch: Vec<Request>, msg: &str| {
-            for Request(_, reply) in batch {
-                let _ = reply.send(Err(msg.to_owned()));
+    /// Commits `batch` in one transaction and answers each request in it.
+    fn commit_batch(&mut self, shared: &Shared, batch: Vec<Request>) {
+        let answer_all = |batch: Vec<Request>, msg: &str| {
+            for Request(_, slot) in batch {
+                let _ = slot.set(Err(msg.to_owned()));
             }
         };
-        let mut txn = match self.db.begin_write() {
-            Ok(t) => t,
-            Err(e) => {
-                let msg = format!("index write transaction failed: {e}");
-                fail_all(batch, &msg);
-                return Err(msg);
-            }
-        };
+        if let Some(msg) = &self.failed {
+            answer_all(batch, msg);
+            return;
+        }
         // Rows can be rebuilt from their durable records (module doc); flush only when the
         // oldest unflushed commit is due.
         let durable = self
             .unflushed_since
             .is_some_and(|t| t.elapsed() >= DURABLE_EVERY);
-        if !durable {
-            if let Err(e) = txn.set_durability(Durability::None) {
-                let msg = format!("index write transaction failed: {e}");
-                fail_all(batch, &msg);
-                return Err(msg);
+        let txn = shared
+            .db
+            .begin_write()
+            .map_err(|e| e.to_string())
+            .and_then(|mut txn| {
+                if !durable {
+                    txn.set_durability(Durability::None)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(txn)
+            });
+        let txn = match txn {
+            Ok(t) => t,
+            Err(e) => {
+                let msg = self.fail(shared, format!("index write transaction failed: {e}"));
+                answer_all(batch, &msg);
+                return;
             }
-        }
+        };
         let mut results = Vec::with_capacity(batch.len());
         let mut woken = BTreeSet::new();
-        let mut fatal = None;
-        for Request(p, reply) in batch {
-            let r = match &fatal {
+        let mut failure = None;
+        for Request(p, slot) in batch {
+            let r = match &failure {
                 Some(msg) => Err(String::clone(msg)),
                 None => apply(&txn, &p),
             };
@@ -592,12 +661,12 @@ impl IndexThread {
                 }
                 Ok(CommitOutcome::Duplicate) => {}
                 Err(msg) => {
-                    fatal.get_or_insert_with(|| msg.clone());
+                    failure.get_or_insert_with(|| msg.clone());
                 }
             }
-            results.push((reply, r));
+            results.push((slot, r));
         }
-        let committed = match fatal {
+        let committed = match failure {
             Some(msg) => Err(msg),
             None => txn
                 .commit()
@@ -610,21 +679,20 @@ impl IndexThread {
                 } else {
                     self.unflushed_since.get_or_insert_with(Instant::now);
                 }
-                for (reply, r) in results {
-                    let _ = reply.send(r);
+                for (slot, r) in results {
+                    let _ = slot.set(r);
                 }
                 for d in &woken {
-                    (self.wake)(d);
+                    (shared.wake)(d);
                 }
-                Ok(())
             }
             Err(msg) => {
                 // The records stay in their segments: the next start indexes them. Their
                 // senders get a failure and resend.
-                for (reply, _) in results {
-                    let _ = reply.send(Err(msg.clone()));
+                let msg = self.fail(shared, msg);
+                for (slot, _) in results {
+                    let _ = slot.set(Err(msg.clone()));
                 }
-                Err(msg)
             }
         }
     }

@@ -46,7 +46,7 @@ use snafu::Snafu;
 
 pub use index::Wake;
 pub use index::{CommitOutcome, InstanceRecord};
-use index::{IndexHandle, IndexThread, Pending};
+use index::{IndexHandle, Pending};
 use segment::{Location, RecordMeta, Segment};
 use spool::FileMeta;
 
@@ -155,26 +155,21 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
-/// Owns the index thread; [`StoreRuntime::close`] waits for it once every [`Store`] is dropped.
+/// Owns the index flush thread; [`StoreRuntime::close`] waits for it once every [`Store`] is
+/// dropped.
 pub struct StoreRuntime {
-    thread: std::thread::JoinHandle<Result<Arc<Database>, String>>,
+    thread: index::FlushThread,
 }
 
 impl StoreRuntime {
-    /// Joins the index thread and records a clean shutdown. Call after every [`Store`] clone
-    /// is dropped, or this waits forever.
+    /// Flushes the index and records a clean shutdown. Call after every [`Store`] clone is
+    /// dropped (the forwarder's too), or this waits forever.
     pub fn close(self) -> Result<(), String> {
-        // Every Store clone must be gone, including the forwarder's, or this waits forever.
-        let db = self
-            .thread
-            .join()
-            .map_err(|_| "index thread panicked".to_owned())??;
+        let db = self.thread.join()?;
         index::mark_clean(&db)
     }
-}
 
-impl StoreRuntime {
-    /// Joins the index thread without recording a clean shutdown: what a crash after the last
+    /// Flushes the index without recording a clean shutdown: what a crash after the last
     /// commit leaves behind (tests).
     #[cfg(test)]
     pub fn close_unclean(self) {
@@ -184,7 +179,7 @@ impl StoreRuntime {
 
 impl Store {
     /// Opens the data directory: layout, index, recovery. Blocking; call before serving.
-    /// `on_fatal` is cancelled if the index thread stops after a failed commit.
+    /// `on_fatal` is cancelled if a data flush or an index commit fails.
     pub fn open(
         data_dir: &Path,
         min_free: u64,
@@ -207,19 +202,16 @@ impl Store {
         rec.in_flight_returned =
             queue::recover_in_flight(&db).map_err(|message| StoreError::Index { message })?;
         let db = Arc::new(db);
-        let (thread, handle) = IndexThread::new(db.clone(), wake);
         let fatal = on_fatal.clone();
-        let thread = std::thread::Builder::new()
-            .name("index".into())
-            .spawn(move || {
-                let r = thread.run();
-                if let Err(e) = &r {
-                    log::error!(error:% = e; "index failed; the gateway stops so that it can be restarted and the index repaired");
-                    on_fatal.cancel();
-                }
-                r
-            })
-            .map_err(io_err(data_dir))?;
+        let (handle, thread) = IndexHandle::start(
+            db.clone(),
+            wake,
+            Box::new(move |e| {
+                log::error!(error:% = e; "index failed; the gateway stops so that it can be restarted and the index repaired");
+                fatal.cancel();
+            }),
+        )
+        .map_err(io_err(data_dir))?;
         let store = Store {
             inner: Arc::new(Inner {
                 data_dir: data_dir.to_path_buf(),
@@ -227,7 +219,7 @@ impl Store {
                 router,
                 min_free,
                 index: handle,
-                on_fatal: fatal,
+                on_fatal,
                 low_space: AtomicBool::new(false),
                 pool: Arc::new(segment::Pool::new(data_dir, next_id)),
             }),
@@ -239,7 +231,7 @@ impl Store {
         &self.inner.data_dir
     }
 
-    /// How long since the index thread last turned; the watchdog wants this small.
+    /// How long since the index flush thread last turned; the watchdog wants this small.
     pub fn index_heartbeat_age(&self) -> std::time::Duration {
         self.inner.index.heartbeat_age()
     }
@@ -313,8 +305,10 @@ impl Store {
     }
 }
 
-/// One instance being received into a segment it holds alone. Dropping it without
-/// [`Ingest::finish`] cuts what it wrote, so an aborted transfer leaves nothing behind.
+/// One instance being received into a segment it holds alone. Its methods do disk I/O in place
+/// (writes, `fdatasync`): the association that drives it runs on a thread of its own. Dropping
+/// it without [`Ingest::finish`] cuts what it wrote, so an aborted transfer leaves nothing
+/// behind.
 pub struct Ingest {
     store: Store,
     incoming: IncomingInstance,
@@ -338,18 +332,19 @@ pub struct Ingest {
 
 impl Ingest {
     /// Appends dataset bytes. Writes to the segment once [`FLUSH_BYTES`] are buffered (or at
-    /// once for a large PDV), on a blocking section of the runtime.
+    /// once for a large PDV). Blocks: called from the association's own thread (see
+    /// [`crate::listener`]), never from the shared runtime.
     pub fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
         if self.head.len() < HEAD_BYTES {
             let n = data.len().min(HEAD_BYTES - self.head.len());
             self.head.extend_from_slice(&data[..n]);
         }
         if self.buf.is_empty() && data.len() >= DIRECT_BYTES {
-            return tokio::task::block_in_place(|| self.write_dataset(data));
+            return self.write_dataset(data);
         }
         self.buf.extend_from_slice(data);
         if self.buf.len() >= FLUSH_BYTES {
-            tokio::task::block_in_place(|| self.flush())?;
+            self.flush()?;
         }
         Ok(())
     }
@@ -388,8 +383,8 @@ impl Ingest {
     }
 
     /// Completes the instance under the durability contract (see the module doc).
-    pub async fn finish(mut self) -> Result<Stored, StoreError> {
-        let (record, study, series) = tokio::task::block_in_place(|| self.seal())?;
+    pub fn finish(mut self) -> Result<Stored, StoreError> {
+        let (record, study, series) = self.seal()?;
         let size = record.size;
         let destinations =
             (self.store.inner.router)(&record.calling_ae, &record.modality, &record.sop_class_uid);
@@ -412,10 +407,9 @@ impl Ingest {
         let body_len = self.written;
         let seg = self.segment()?;
         let path = seg.path().to_path_buf();
-        let completed = tokio::task::block_in_place(|| {
-            let loc = seg.complete(seq, body_len, &bytes)?;
-            seg.sync().map(|()| loc)
-        });
+        let completed = seg
+            .complete(seq, body_len, &bytes)
+            .and_then(|loc| seg.sync().map(|()| loc));
         let loc = match completed {
             Ok(loc) => loc,
             Err(source) => {
@@ -437,17 +431,11 @@ impl Ingest {
             destinations: meta.destinations,
             high_priority: meta.high_priority,
         };
-        let outcome = self
-            .store
-            .inner
-            .index
-            .commit(pending)
-            .await
-            .map_err(|message| {
-                // The index thread stopped the gateway; this record is indexed at the restart.
-                self.segment = None;
-                StoreError::Index { message }
-            })?;
+        let outcome = self.store.inner.index.commit(pending).map_err(|message| {
+            // The failed commit stopped the gateway; this record is indexed at the restart.
+            self.segment = None;
+            StoreError::Index { message }
+        })?;
         self.committed = true;
         if outcome == CommitOutcome::Duplicate {
             // Never referenced: free the body's space now (recovery skips such a record).

@@ -2,7 +2,7 @@
 //!
 //! States (DESIGN.md section 3): pending → in flight → delivered, or failed; failed → pending
 //! by operator retry. Entries are created in the same durable commit that indexes the instance
-//! ([`enqueue`] runs inside the index thread's transaction), so an acknowledged instance never
+//! ([`enqueue`] runs inside the ingest commit's transaction), so an acknowledged instance never
 //! exists without its queue entries.
 //!
 //! Tables (key → value):

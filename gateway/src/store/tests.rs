@@ -62,7 +62,7 @@ pub(crate) fn read_dataset(data_dir: &Path, rec: &InstanceRecord) -> io::Result<
 async fn store_one(store: &Store, sop: &str, data: &[u8]) -> CommitOutcome {
     let mut i = store.begin(incoming(sop)).unwrap();
     i.write(data).unwrap();
-    i.finish().await.unwrap().outcome
+    i.finish().unwrap().outcome
 }
 
 fn segment_files(dir: &Path) -> Vec<(u64, u64)> {
@@ -135,11 +135,11 @@ async fn mismatched_unparseable_and_dropped_instances_leave_nothing_behind() {
     let (store, _rt, _) = open(dir.path(), &[]);
     let mut i = store.begin(incoming("1.9.2")).unwrap();
     i.write(&dataset("1.9.3")).unwrap();
-    assert!(matches!(i.finish().await, Err(StoreError::Mismatch { .. })));
+    assert!(matches!(i.finish(), Err(StoreError::Mismatch { .. })));
     let mut i = store.begin(incoming("1.9.4")).unwrap();
     i.write(b"\x08\x00\x18\x00UI\xff\xff").unwrap();
     assert!(matches!(
-        i.finish().await,
+        i.finish(),
         Err(StoreError::CannotUnderstand { .. })
     ));
     // Dropped mid-transfer.
@@ -300,4 +300,73 @@ async fn a_lost_segment_is_reported_and_empty_segments_are_deleted() {
     );
     let r = index::get(store.db().as_ref(), "1.9.2").unwrap().unwrap();
     assert_eq!(read_dataset(dir.path(), &r).unwrap(), v2);
+}
+
+/// Associations commit on their own threads, combined into shared transactions: each gets its
+/// own outcome, and every acknowledged instance is indexed, queued and survives a restart.
+#[test]
+fn concurrent_commits_each_get_their_own_outcome() {
+    const THREADS: usize = 8;
+    const EACH: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, rt, _) = open(dir.path(), &["pacs"]);
+    let outcomes: Vec<Vec<CommitOutcome>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let store = store.clone();
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    for n in 0..EACH {
+                        let sop = format!("1.9.{t}.{n}");
+                        let mut i = store.begin(incoming(&sop)).unwrap();
+                        i.write(&dataset(&sop)).unwrap();
+                        out.push(i.finish().unwrap().outcome);
+                    }
+                    // Every thread also sends the same instance: one copy is kept.
+                    let mut i = store.begin(incoming("1.9.999")).unwrap();
+                    i.write(&dataset("1.9.999")).unwrap();
+                    out.push(i.finish().unwrap().outcome);
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (t, out) in outcomes.iter().enumerate() {
+        assert!(
+            out[..EACH].iter().all(|o| *o == CommitOutcome::Stored),
+            "thread {t}: {out:?}"
+        );
+    }
+    let shared: Vec<_> = outcomes.iter().map(|o| o[EACH]).collect();
+    assert_eq!(
+        shared
+            .iter()
+            .filter(|o| **o == CommitOutcome::Stored)
+            .count(),
+        1,
+        "{shared:?}"
+    );
+    assert_eq!(
+        shared
+            .iter()
+            .filter(|o| **o == CommitOutcome::Duplicate)
+            .count(),
+        THREADS - 1
+    );
+    let (counts, _) = queue::stats(store.db(), "pacs").unwrap();
+    assert_eq!(counts.pending, (THREADS * EACH + 1) as u64);
+    drop(store);
+    rt.close().unwrap();
+    let rows = read_instances(dir.path()).unwrap();
+    assert_eq!(rows.len(), THREADS * EACH + 1);
+    for r in &rows {
+        assert_eq!(
+            read_dataset(dir.path(), r).unwrap(),
+            dataset(&r.sop_instance_uid)
+        );
+    }
+    let (_, _, rec) = open(dir.path(), &["pacs"]);
+    assert!(rec.clean);
+    assert_eq!(rec.reindexed, 0);
 }
