@@ -360,7 +360,12 @@ impl Ingest {
     fn write_dataset(&mut self, data: &[u8]) -> Result<(), StoreError> {
         self.hasher.update(data);
         self.size += data.len() as u64;
-        self.put(data)
+        let at = self.body_start + self.written;
+        self.put(data)?;
+        if data.len() >= DIRECT_BYTES {
+            segment::start_writeback(self.segment()?.file(), at, data.len() as u64);
+        }
+        Ok(())
     }
 
     /// Writes body bytes at the end of what is written.
