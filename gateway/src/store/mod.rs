@@ -143,8 +143,16 @@ struct Inner {
     on_fatal: tokio_util::sync::CancellationToken,
     /// Set while free space is below the reserve; logs only state changes.
     low_space: AtomicBool,
+    /// The last free-space reading that was far above the reserve: (Unix ms, free bytes).
+    roomy: std::sync::Mutex<Option<(u64, u64)>>,
     pool: Arc<segment::Pool>,
 }
+
+/// A free-space reading at least this far above the reserve is reused for [`ROOMY_FOR_MS`]:
+/// no sender fills this much in that time, so the reserve still holds, and an instance does
+/// not pay a `statvfs`.
+const ROOMY_MARGIN: u64 = 1 << 30;
+const ROOMY_FOR_MS: u64 = 100;
 
 /// Chooses the destinations of an instance: (calling AE, modality, SOP class) → names.
 pub type Router = Arc<dyn Fn(&str, &str, &str) -> Vec<String> + Send + Sync>;
@@ -221,6 +229,7 @@ impl Store {
                 index: handle,
                 on_fatal,
                 low_space: AtomicBool::new(false),
+                roomy: std::sync::Mutex::new(None),
                 pool: Arc::new(segment::Pool::new(data_dir, next_id)),
             }),
         };
@@ -252,14 +261,28 @@ impl Store {
         Ok(s.blocks_available().saturating_mul(s.fragment_size()))
     }
 
-    /// Starts receiving one instance: checks the disk reserve, then creates the temporary file
-    /// with its Part 10 header. Blocking (a statvfs and a file creation).
+    /// Starts receiving one instance: checks the disk reserve, then takes a segment and writes
+    /// the record's Part 10 header. Blocking (a `statvfs` unless a recent one found plenty of
+    /// room, a write, perhaps a segment creation).
     pub fn begin(&self, incoming: IncomingInstance) -> Result<Ingest, StoreError> {
         let inner = &self.inner;
-        let free = self.free_bytes().map_err(|source| StoreError::Io {
-            path: inner.data_dir.clone(),
-            source,
-        })?;
+        let now = now_ms();
+        let recent = match *inner.roomy.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((at, free)) if now.saturating_sub(at) < ROOMY_FOR_MS => Some(free),
+            _ => None,
+        };
+        let free = match recent {
+            Some(free) => free,
+            None => {
+                let free = self.free_bytes().map_err(|source| StoreError::Io {
+                    path: inner.data_dir.clone(),
+                    source,
+                })?;
+                *inner.roomy.lock().unwrap_or_else(|e| e.into_inner()) =
+                    (free >= inner.min_free.saturating_add(ROOMY_MARGIN)).then_some((now, free));
+                free
+            }
+        };
         if free < inner.min_free {
             if !inner.low_space.swap(true, Ordering::Relaxed) {
                 log::error!(
