@@ -506,19 +506,36 @@ impl IndexHandle {
     /// visible to readers (see the module doc for its durability). Blocks: call from a thread
     /// that may (an association's).
     pub fn commit(&self, pending: Pending) -> IndexResult<CommitOutcome> {
+        self.commit_all(vec![pending])
+            .pop()
+            .unwrap_or_else(|| Err("the index lost a commit request".to_owned()))
+    }
+
+    /// [`IndexHandle::commit`] for several instances, applied in this order; one result each.
+    pub fn commit_all(&self, pendings: Vec<Pending>) -> Vec<IndexResult<CommitOutcome>> {
         let s = &self.shared;
-        let slot = Slot::default();
-        lock(&s.waiting).push(Request(Box::new(pending), slot.clone()));
+        let slots: Vec<Slot> = pendings.iter().map(|_| Slot::default()).collect();
+        lock(&s.waiting).extend(
+            pendings
+                .into_iter()
+                .zip(&slots)
+                .map(|(p, slot)| Request(Box::new(p), slot.clone())),
+        );
         let mut writer = lock(&s.writer);
-        if slot.get().is_none() {
-            // Not taken by the previous holder: commit it with everything queued since.
+        if slots.iter().any(|slot| slot.get().is_none()) {
+            // Not taken by the previous holder: commit them with everything queued since.
             let batch = std::mem::take(&mut *lock(&s.waiting));
             writer.commit_batch(s, batch);
         }
         drop(writer);
-        slot.get()
-            .cloned()
-            .unwrap_or_else(|| Err("the index lost a commit request".to_owned()))
+        slots
+            .iter()
+            .map(|slot| {
+                slot.get()
+                    .cloned()
+                    .unwrap_or_else(|| Err("the index lost a commit request".to_owned()))
+            })
+            .collect()
     }
 }
 

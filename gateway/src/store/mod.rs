@@ -5,8 +5,9 @@
 //! [`Ingest::finish`] returns `Ok` only after
 //! 1. the instance was appended to a segment ([`segment`]) as one record: the Part 10 file
 //!    (preamble, file meta group, dataset as received), then the index row and destinations it
-//!    needs, then a header that makes the record valid; and the segment was `fdatasync`'d;
-//! 2. the index thread committed its rows and queue entries ([`index`]), so readers see it.
+//!    needs, then a header that makes the record valid; and the segment was `fdatasync`'d (for
+//!    a small instance: by the flush of its group, [`group`]);
+//! 2. its rows and queue entries were committed to the index ([`index`]), so readers see it.
 //!
 //! Only then may the association answer C-STORE-RSP Success (PS3.4 Annex B.2.3). The commit of
 //! step 2 is flushed at most [`index::DURABLE_EVERY`] later (group commit): until then the
@@ -20,12 +21,15 @@
 //!
 //! # Bounded memory
 //!
-//! An instance is never held whole: [`Ingest::write`] buffers at most [`FLUSH_BYTES`] before
-//! writing to the segment (a PDV of [`DIRECT_BYTES`] or more goes to it without that copy),
+//! An instance is held whole only while it is smaller than [`FLUSH_BYTES`] (then it is appended
+//! to the shared segment in one write, [`group`]); [`Ingest::write`] buffers at most that much
+//! before streaming to a segment of its own (a PDV of [`DIRECT_BYTES`] or more goes to it
+//! without that copy),
 //! and keeps the first [`HEAD_BYTES`] of the dataset, from which the index fields are parsed;
 //! the record is read back only for a dataset whose indexed attributes lie beyond that.
 
 pub mod evict;
+pub mod group;
 pub mod index;
 pub mod parse;
 pub mod queue;
@@ -139,6 +143,8 @@ struct Inner {
     router: Router,
     min_free: u64,
     index: IndexHandle,
+    /// The shared segment of small instances.
+    group: group::GroupLog,
     /// Cancelled when the store can no longer vouch for its files (a failed data flush).
     on_fatal: tokio_util::sync::CancellationToken,
     /// Set while free space is below the reserve; logs only state changes.
@@ -227,6 +233,7 @@ impl Store {
                 router,
                 min_free,
                 index: handle,
+                group: group::GroupLog::default(),
                 on_fatal,
                 low_space: AtomicBool::new(false),
                 roomy: std::sync::Mutex::new(None),
@@ -305,37 +312,37 @@ impl Store {
             transfer_syntax: incoming.transfer_syntax.clone(),
             source_ae: incoming.calling_ae.clone(),
         });
-        let segment = inner.pool.take().map_err(|source| StoreError::Io {
-            path: inner.data_dir.join(segment::SEGMENT_DIR),
-            source,
-        })?;
-        let mut ingest = Ingest {
+        Ok(Ingest {
             store: self.clone(),
-            body_start: segment.end() + segment::RECORD_HEADER,
-            segment: Some(segment),
+            body_start: 0,
+            segment: None,
             completed: None,
             committed: false,
             header_len: header.len() as u64,
+            prefix: header,
             written: 0,
             incoming,
             buf: Vec::with_capacity(FLUSH_BYTES + 64 * 1024),
             head: Vec::new(),
             hasher: blake3::Hasher::new(),
             size: 0,
-        };
-        ingest.put(&header)?;
-        Ok(ingest)
+        })
     }
 }
 
-/// One instance being received into a segment it holds alone. Its methods do disk I/O in place
-/// (writes, `fdatasync`): the association that drives it runs on a thread of its own. Dropping
-/// it without [`Ingest::finish`] cuts what it wrote, so an aborted transfer leaves nothing
-/// behind.
+/// One instance being received. A small one stays in memory and is appended whole to the
+/// shared segment of [`group::GroupLog`] at the end (one flush for all instances finishing
+/// together); once more than [`FLUSH_BYTES`] arrive (or a PDV of [`DIRECT_BYTES`]), it is
+/// streamed into a segment it holds alone. Its methods do disk I/O in place (writes,
+/// `fdatasync`): the association that drives it runs on a thread of its own. Dropping it
+/// without [`Ingest::finish`] cuts what it wrote, so an aborted transfer leaves nothing behind.
 pub struct Ingest {
     store: Store,
     incoming: IncomingInstance,
+    /// The segment being streamed into; `None` while the instance is in memory.
     segment: Option<Segment>,
+    /// The Part 10 preamble and file meta group, until written.
+    prefix: Vec<u8>,
     /// Set once the record's header is written: from then on the record is never cut.
     completed: Option<Location>,
     /// The index answered the record's commit.
@@ -391,8 +398,25 @@ impl Ingest {
         Ok(())
     }
 
-    /// Writes body bytes at the end of what is written.
+    /// Writes body bytes at the end of what is written; the first write takes a segment and
+    /// writes the Part 10 header first.
     fn put(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        if self.segment.is_none() {
+            if self.prefix.is_empty() {
+                return Err(StoreError::Task {
+                    message: "instance already finished".into(),
+                });
+            }
+            let pool = &self.store.inner.pool;
+            let seg = pool.take().map_err(|source| StoreError::Io {
+                path: pool.dir(),
+                source,
+            })?;
+            self.body_start = seg.end() + segment::RECORD_HEADER;
+            let prefix = std::mem::take(&mut self.prefix);
+            self.segment = Some(seg);
+            self.put(&prefix)?;
+        }
         let seg = self.segment()?;
         seg.file()
             .write_all_at(data, self.body_start + self.written)
@@ -430,6 +454,9 @@ impl Ingest {
             return Err(StoreError::CannotUnderstand {
                 reason: format!("its index entry would take {} bytes", bytes.len()),
             });
+        }
+        if self.segment.is_none() {
+            return self.finish_in_group(meta, &bytes, study, series);
         }
         let seq = self.store.inner.pool.next_seq();
         let body_len = self.written;
@@ -481,25 +508,84 @@ impl Ingest {
         })
     }
 
-    /// Writes out what is buffered and checks the indexed fields (the record's completion and
-    /// flush are [`Ingest::finish`]'s).
-    fn seal(&mut self) -> Result<(InstanceRecord, String, String), StoreError> {
-        self.flush()?;
-        let seg = self.segment()?;
-        // The rest of the dataset is read back only if parsing gets past the head.
-        let head_len = self.head.len() as u64;
-        let rest = segment::Range::new(
-            seg.file(),
-            self.body_start + self.header_len + head_len,
-            self.size.saturating_sub(head_len),
+    /// Appends the whole record of an instance held in memory to the shared segment; returns
+    /// once it is flushed and indexed (group commit, [`group`]).
+    fn finish_in_group(
+        mut self,
+        meta: RecordMeta,
+        meta_bytes: &[u8],
+        study_instance_uid: String,
+        series_instance_uid: String,
+    ) -> Result<Stored, StoreError> {
+        let prefix = std::mem::take(&mut self.prefix);
+        let mut record = Vec::with_capacity(
+            segment::RECORD_HEADER as usize + prefix.len() + self.buf.len() + meta_bytes.len(),
         );
-        let fields = parse::read_fields(
-            self.head
-                .as_slice()
-                .chain(BufReader::with_capacity(64 * 1024, rest)),
-            self.size,
-            &self.incoming.transfer_syntax,
-        )
+        record.resize(segment::RECORD_HEADER as usize, 0);
+        record.extend_from_slice(&prefix);
+        record.extend_from_slice(&self.buf);
+        record.extend_from_slice(meta_bytes);
+        let size = meta.record.size;
+        let sop = meta.record.sop_instance_uid.clone();
+        let pending = Pending {
+            record: meta.record,
+            destinations: meta.destinations,
+            high_priority: meta.high_priority,
+        };
+        let inner = &self.store.inner;
+        let on_fatal = || inner.on_fatal.cancel();
+        let meta_len = u32::try_from(meta_bytes.len()).unwrap_or(u32::MAX);
+        let (outcome, _) = inner
+            .group
+            .commit(
+                &inner.pool,
+                &inner.index,
+                &on_fatal,
+                &mut record,
+                meta_len,
+                pending,
+            )
+            .inspect_err(|e| {
+                log::error!(sop_instance_uid:% = sop, error:% = e; "storing an instance failed: answering A700");
+            })?;
+        Ok(Stored {
+            outcome,
+            study_instance_uid,
+            series_instance_uid,
+            size,
+        })
+    }
+
+    /// Writes out what is buffered (unless the instance stays in memory for the group commit)
+    /// and checks the indexed fields (the record's completion and flush are
+    /// [`Ingest::finish`]'s).
+    fn seal(&mut self) -> Result<(InstanceRecord, String, String), StoreError> {
+        let fields = if self.segment.is_none() && self.buf.len() < FLUSH_BYTES {
+            self.hasher.update(&self.buf);
+            self.size += self.buf.len() as u64;
+            parse::read_fields(
+                self.buf.as_slice(),
+                self.size,
+                &self.incoming.transfer_syntax,
+            )
+        } else {
+            self.flush()?;
+            let seg = self.segment()?;
+            // The rest of the dataset is read back only if parsing gets past the head.
+            let head_len = self.head.len() as u64;
+            let rest = segment::Range::new(
+                seg.file(),
+                self.body_start + self.header_len + head_len,
+                self.size.saturating_sub(head_len),
+            );
+            parse::read_fields(
+                self.head
+                    .as_slice()
+                    .chain(BufReader::with_capacity(64 * 1024, rest)),
+                self.size,
+                &self.incoming.transfer_syntax,
+            )
+        }
         .map_err(|e| StoreError::CannotUnderstand { reason: e.0 })?;
         let inc = &self.incoming;
         if crate::uid::validate(&fields.sop_instance_uid) != Some(inc.sop_instance_uid.as_str()) {

@@ -14,10 +14,13 @@
 //!   from which the index rows can be rebuilt.
 //!
 //! Invariants:
-//! - A segment has one writer at a time (an association's instance); a record is written at the
-//!   segment's end, body first, meta next, the header last, then the file is `fdatasync`'d, and
-//!   only then does the next record start. So after a crash the valid records of a segment form
-//!   an unbroken chain from its start, and the first position without a valid header is its end.
+//! - A segment has one writer at a time: an association streaming an instance (the record is
+//!   written at the segment's end, body first, meta next, the header last, then the file is
+//!   `fdatasync`'d, and only then does the next record start), or the group log of small
+//!   instances ([`super::group`]: whole records, one write each, back to back; a record is
+//!   answered only after a flush that began after its write). So after a crash every answered
+//!   record lies in the unbroken chain of valid records from the segment's start, and the first
+//!   position without a valid header is its end.
 //! - A header is valid only with this segment's salt: bytes a sender put into a dataset, or an
 //!   aborted record, cannot pass for a record.
 //! - A record whose header is valid but whose meta or body does not match it (torn by a crash,
@@ -237,6 +240,31 @@ impl Segment {
         Ok(loc)
     }
 
+    /// Appends a whole record in one write: `record` holds a [`RECORD_HEADER`]'s worth of space
+    /// (filled in here), the body, then `meta_len` bytes of meta. The caller flushes before
+    /// relying on it. After an error the end of the file is unknown: take no further record.
+    pub fn append(&mut self, seq: u64, record: &mut [u8], meta_len: u32) -> io::Result<Location> {
+        let too_long = || io::Error::new(io::ErrorKind::InvalidInput, "record meta too long");
+        if meta_len > MAX_META {
+            return Err(too_long());
+        }
+        let body_len = (record.len() as u64)
+            .checked_sub(RECORD_HEADER + u64::from(meta_len))
+            .ok_or_else(too_long)?;
+        let (head, rest) = record.split_at_mut(RECORD_HEADER as usize);
+        let meta = &rest[rest.len() - meta_len as usize..];
+        head.copy_from_slice(&record_header(&self.salt, seq, body_len, meta));
+        let loc = Location {
+            segment: self.id,
+            offset: self.end,
+            body_len,
+            meta_len,
+        };
+        self.file.write_all_at(record, loc.offset)?;
+        self.end = loc.end();
+        Ok(loc)
+    }
+
     /// `fdatasync`: the records written so far are durable when this returns.
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -436,6 +464,8 @@ pub struct Pool {
     data_dir: PathBuf,
     next_id: AtomicU64,
     next_seq: AtomicU64,
+    /// [`SEGMENT_TARGET`]; smaller in tests.
+    target: AtomicU64,
     idle: Mutex<Vec<Segment>>,
     /// Ids of segments that are idle or being written: not to be deleted.
     open: Mutex<HashSet<u64>>,
@@ -447,6 +477,7 @@ impl Pool {
             data_dir: data_dir.to_path_buf(),
             next_id: AtomicU64::new(next_id),
             next_seq: AtomicU64::new(1),
+            target: AtomicU64::new(SEGMENT_TARGET),
             idle: Mutex::new(Vec::new()),
             open: Mutex::new(HashSet::new()),
         }
@@ -466,11 +497,27 @@ impl Pool {
 
     /// Returns a segment after a completed or abandoned record; a full one is closed.
     pub fn give_back(&self, segment: Segment) {
-        if segment.end >= SEGMENT_TARGET {
+        if self.is_full(&segment) {
             lock(&self.open).remove(&segment.id);
         } else {
             lock(&self.idle).push(segment);
         }
+    }
+
+    /// Whether a segment takes no new record.
+    pub fn is_full(&self, segment: &Segment) -> bool {
+        segment.end >= self.target.load(Ordering::Relaxed)
+    }
+
+    /// Makes segments full sooner, to exercise closing them.
+    #[cfg(test)]
+    pub fn set_target(&self, bytes: u64) {
+        self.target.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The directory of the segments.
+    pub fn dir(&self) -> PathBuf {
+        self.data_dir.join(SEGMENT_DIR)
     }
 
     /// Whether a segment may still get records.

@@ -370,3 +370,92 @@ fn concurrent_commits_each_get_their_own_outcome() {
     assert!(rec.clean);
     assert_eq!(rec.reindexed, 0);
 }
+
+/// `dataset(sop)` followed by Pixel Data of `n` bytes (OB, PS3.5 section 7.1.2).
+fn big_dataset(sop: &str, n: u32) -> Vec<u8> {
+    let mut d = dataset(sop);
+    d.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
+    d.extend_from_slice(&n.to_le_bytes());
+    d.extend((0..n).map(|i| (i % 251) as u8));
+    d
+}
+
+/// Small instances share segments (group commit), large ones stream into their own; shared
+/// segments are closed when full only after everything in them is flushed and indexed, and
+/// recovery rebuilds both kinds when the index commits are lost.
+#[test]
+fn shared_and_streamed_segments_close_when_full_and_are_recovered() {
+    const THREADS: usize = 4;
+    const EACH: usize = 30;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, rt, _) = open(dir.path(), &["pacs"]);
+    drop(store);
+    rt.close().unwrap();
+    let before = snapshot(dir.path());
+    let (store, rt, _) = open(dir.path(), &["pacs"]);
+    store.pool().set_target(48 * 1024);
+    let mut sent = std::collections::BTreeMap::new();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let store = store.clone();
+            s.spawn(move || {
+                for n in 0..EACH {
+                    let sop = format!("1.9.{t}.{n}");
+                    let data = if n % 10 == 9 {
+                        big_dataset(&sop, 300_000)
+                    } else {
+                        dataset(&sop)
+                    };
+                    let mut i = store.begin(incoming(&sop)).unwrap();
+                    // In PDV-sized pieces, as an association writes them.
+                    for chunk in data.chunks(16 * 1024) {
+                        i.write(chunk).unwrap();
+                    }
+                    assert_eq!(i.finish().unwrap().outcome, CommitOutcome::Stored);
+                }
+            });
+        }
+    });
+    for t in 0..THREADS {
+        for n in 0..EACH {
+            let sop = format!("1.9.{t}.{n}");
+            let data = if n % 10 == 9 {
+                big_dataset(&sop, 300_000)
+            } else {
+                dataset(&sop)
+            };
+            sent.insert(sop, data);
+        }
+    }
+    let check = |rows: &[InstanceRecord]| {
+        assert_eq!(rows.len(), sent.len());
+        for r in rows {
+            assert_eq!(
+                read_dataset(dir.path(), r).unwrap(),
+                sent[&r.sop_instance_uid]
+            );
+        }
+    };
+    check(&index::all_instances(store.db().as_ref()).unwrap());
+    let segments: std::collections::BTreeSet<u64> = index::all_instances(store.db().as_ref())
+        .unwrap()
+        .iter()
+        .map(|r| r.location.segment)
+        .collect();
+    assert!(
+        segments.len() > 4,
+        "full segments were not closed: {segments:?}"
+    );
+    drop(store);
+    rt.close_unclean();
+    lose_index_commits_since(dir.path(), &before);
+
+    let (store, rt, rec) = open(dir.path(), &["pacs"]);
+    assert_eq!(rec.reindexed, sent.len(), "{rec:?}");
+    assert_eq!((rec.skipped, rec.tail_bytes_removed), (0, 0), "{rec:?}");
+    check(&index::all_instances(store.db().as_ref()).unwrap());
+    let (counts, _) = queue::stats(store.db(), "pacs").unwrap();
+    assert_eq!(counts.pending, sent.len() as u64);
+    drop(store);
+    rt.close().unwrap();
+}
