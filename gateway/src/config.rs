@@ -127,6 +127,8 @@ pub struct GatewaySettings {
     pub dimse_timeout: Duration,
     pub write_timeout: Duration,
     pub min_free_disk_bytes: u64,
+    /// Segment files kept written in advance (docs/durability.md, "Spare segments").
+    pub spare_segments: usize,
     /// The CLI's Unix socket to the daemon (mode 0660: owner and group).
     pub control_socket: PathBuf,
     /// When started as root: the user to switch to once the listeners are bound.
@@ -383,6 +385,8 @@ struct RawGateway {
     write_timeout_secs: Option<Spanned<u64>>,
     /// Default: 1024 MiB.
     min_free_disk_mb: Option<u64>,
+    /// Default: 4.
+    spare_segments: Option<Spanned<u32>>,
     /// Default: <data_dir>/control.sock.
     control_socket: Option<PathBuf>,
     /// Default: none.
@@ -448,6 +452,9 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 120;
 pub const DEFAULT_DIMSE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_WRITE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_MIN_FREE_DISK_MB: u64 = 1024;
+/// 4 × 65 MiB: a CT series of ~250 MB is acknowledged without growing a file.
+pub const DEFAULT_SPARE_SEGMENTS: u32 = 4;
+pub const MAX_SPARE_SEGMENTS: u32 = 64;
 /// One C-STORE per round trip per association (no asynchronous operations window): over 50 ms
 /// RTT at 100 Mbit/s, 2 associations filled 58 % of the link and 4 filled 79 % (docs/benchmarks.md).
 pub const DEFAULT_DEST_MAX_ASSOCIATIONS: u32 = 4;
@@ -563,6 +570,19 @@ impl Validator<'_> {
                 format!("allowed 1 to 10000 (default {DEFAULT_MAX_ASSOCIATIONS})"),
             );
         };
+        let spare_segments = g
+            .spare_segments
+            .as_ref()
+            .map_or(DEFAULT_SPARE_SEGMENTS, |v| *v.get_ref());
+        if spare_segments > MAX_SPARE_SEGMENTS {
+            return self.err(
+                g.spare_segments.as_ref().map(Spanned::span),
+                "gateway.spare_segments",
+                format!(
+                    "{spare_segments} is too many; allowed 0 (off) to {MAX_SPARE_SEGMENTS} (default {DEFAULT_SPARE_SEGMENTS}; each takes 65 MiB of disk)"
+                ),
+            );
+        }
         let max_pdu_length = g
             .max_pdu_length
             .as_ref()
@@ -619,6 +639,7 @@ impl Validator<'_> {
                 .min_free_disk_mb
                 .unwrap_or(DEFAULT_MIN_FREE_DISK_MB)
                 .saturating_mul(1024 * 1024),
+            spare_segments: spare_segments as usize,
             control_socket,
             run_as: g.run_as.clone().filter(|u| !u.is_empty()),
         };

@@ -181,6 +181,8 @@ fn answer(ctl: &Control, req: Request) -> Result<Value, String> {
                 "data_dir": ctl.config.get().gateway.data_dir.display().to_string(),
                 "disk_free_bytes": free,
                 "disk_reserve_bytes": ctl.config.get().gateway.min_free_disk_bytes,
+                "spare_segments_ready": ctl.store.pool().spares().map_or(0, |s| s.count()),
+                "spare_segments_wanted": ctl.store.pool().spares_wanted(),
                 "destinations": dests,
             }))
         }

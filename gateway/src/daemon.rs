@@ -6,7 +6,7 @@
 //! in one step: the AE registry, limits and routes apply to new associations (those in progress
 //! keep the configuration they started with); destinations that changed get new forwarders
 //! (leased entries return to pending); listener addresses that changed are rebound. The data
-//! directory cannot change without a restart.
+//! directory cannot change without a restart; `gateway.spare_segments` applies at the next one.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -85,6 +85,7 @@ pub async fn run(
     let live_config: Live<Config> = Live::new(Config::clone(&config));
     let data_dir = config.gateway.data_dir.clone();
     let min_free = config.gateway.min_free_disk_bytes;
+    let spare_segments = config.gateway.spare_segments;
     let fatal = CancellationToken::new();
     let on_fatal = fatal.clone();
     let live_dests: Live<Destinations> = Live::new(Destinations::new(&config.destinations));
@@ -95,7 +96,7 @@ pub async fn run(
     let wake_dests = live_dests.clone();
     let wake: store::Wake = Arc::new(move |d: &str| wake_dests.get().wake(d));
     let (store, runtime, recovery) = tokio::task::spawn_blocking(move || {
-        Store::open(&data_dir, min_free, on_fatal, router, wake)
+        Store::open(&data_dir, min_free, spare_segments, on_fatal, router, wake)
     })
     .await
     .map_err(|e| RunError::Join {
@@ -106,7 +107,7 @@ pub async fn run(
         data_dir:% = config.gateway.data_dir.display(), clean = recovery.clean,
         reindexed = recovery.reindexed, skipped = recovery.skipped,
         tail_bytes_removed = recovery.tail_bytes_removed,
-        segments_removed = recovery.segments_removed,
+        segments_removed = recovery.segments_removed, spares_made = recovery.spares_made,
         missing_records = recovery.missing_records,
         in_flight_returned = recovery.in_flight_returned;
         "store open"
@@ -316,6 +317,12 @@ async fn reload(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    if new.gateway.spare_segments != old.gateway.spare_segments {
+        log::warn!(
+            running = old.gateway.spare_segments, configured = new.gateway.spare_segments;
+            "gateway.spare_segments changed: it applies at the next restart"
+        );
+    }
     if new.gateway.data_dir != old.gateway.data_dir {
         return Err(format!(
             "gateway.data_dir changed ({} -> {}): that needs a restart",

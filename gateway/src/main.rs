@@ -409,10 +409,12 @@ fn print_status(v: &serde_json::Value) {
         v["active_associations"], v["max_associations"]
     );
     println!(
-        "disk: {} free, reserve {} ({})",
+        "disk: {} free, reserve {} ({}); spare segments {} of {}",
         gib(&v["disk_free_bytes"]),
         gib(&v["disk_reserve_bytes"]),
-        v["data_dir"].as_str().unwrap_or("")
+        v["data_dir"].as_str().unwrap_or(""),
+        v["spare_segments_ready"],
+        v["spare_segments_wanted"]
     );
     let dests = v["destinations"].as_array().cloned().unwrap_or_default();
     if dests.is_empty() {

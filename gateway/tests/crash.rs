@@ -12,6 +12,9 @@
 //! exported byte for byte, and no unfinished record may be left after the restart. Unacknowledged files are sent again in the next round.
 //! The batch grows while storescu finishes before the kill, so most kills land mid-transfer.
 //!
+//! The gateway starts with 8 spare segments (docs/durability.md): the first rounds write into
+//! segments made of them, the later ones, once they are used up, into appended segments.
+//!
 //! Limitation: a SIGKILL leaves the kernel's page cache intact, so this checks the order of
 //! acknowledgement and commit and the start-up recovery, not the fsyncs themselves; losing
 //! power is for `hw-tests/` (or a dm-log-writes replay).
@@ -41,7 +44,12 @@ fn acknowledged_instances_survive_sigkill() {
     };
     eprintln!("crash test seed: {seed} (DGW_CRASH_SEED={seed} replays the kill delays)");
 
-    let mut gw = Gateway::start(GatewayConfig::default());
+    // The first rounds write into segments made of spares (written in advance, so a record
+    // does not grow the file), the later ones into appended segments.
+    let mut gw = Gateway::start(GatewayConfig {
+        spare_segments: 8,
+        ..GatewayConfig::default()
+    });
     let dir = gw.scratch("crash");
     let series = SeriesSpec::new(64, 64);
     let mut next_number = 1u32;

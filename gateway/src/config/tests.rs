@@ -42,8 +42,29 @@ fn defaults_apply() {
         c.gateway.min_free_disk_bytes,
         DEFAULT_MIN_FREE_DISK_MB * 1024 * 1024
     );
+    assert_eq!(c.gateway.spare_segments, DEFAULT_SPARE_SEGMENTS as usize);
     assert_eq!(c.log.level, log::LevelFilter::Info);
     assert!(!c.accepts_any_calling_ae());
+}
+
+#[test]
+fn spare_segments_are_bounded_and_can_be_off() {
+    let with = |n: &str| {
+        MINIMAL.replace(
+            "ae_title = \"GW\"",
+            &format!("ae_title = \"GW\"\nspare_segments = {n}"),
+        )
+    };
+    assert_eq!(
+        Config::parse(&with("0"), "t")
+            .unwrap()
+            .gateway
+            .spare_segments,
+        0
+    );
+    let e = invalid(&with("65"));
+    assert!(e.contains("gateway.spare_segments"), "{e}");
+    assert!(e.contains("allowed 0 (off) to 64"), "{e}");
 }
 
 #[test]

@@ -34,6 +34,7 @@ pub mod index;
 pub mod parse;
 pub mod queue;
 pub mod segment;
+pub mod spare;
 pub mod spool;
 
 use std::collections::HashMap;
@@ -127,12 +128,15 @@ pub struct Recovery {
     /// Records not indexed because their content does not match their header: being written
     /// when the previous run stopped (never acknowledged), or duplicates whose body was freed.
     pub skipped: usize,
-    /// Bytes of unfinished records cut from segment ends (never acknowledged).
+    /// Bytes cut from segment ends: unfinished records (never acknowledged), and the unused
+    /// part of segments made from spares ([`spare`]; segments are not appended to again).
     pub tail_bytes_removed: u64,
     /// Segments deleted because no row refers to them.
     pub segments_removed: usize,
     /// Rows whose segment file is missing (deleted outside the gateway).
     pub missing_records: u64,
+    /// Spare segments made before READY (a store without segments, [`spare`]).
+    pub spares_made: usize,
     pub in_flight_returned: usize,
 }
 
@@ -173,12 +177,14 @@ pub struct Store {
 /// dropped.
 pub struct StoreRuntime {
     thread: index::FlushThread,
+    spares: Option<SpareMaker>,
 }
 
 impl StoreRuntime {
     /// Flushes the index and records a clean shutdown. Call after every [`Store`] clone is
     /// dropped (the forwarder's too), or this waits forever.
-    pub fn close(self) -> Result<(), String> {
+    pub fn close(mut self) -> Result<(), String> {
+        self.stop_spares();
         let db = self.thread.join()?;
         index::mark_clean(&db)
     }
@@ -186,9 +192,69 @@ impl StoreRuntime {
     /// Flushes the index without recording a clean shutdown: what a crash after the last
     /// commit leaves behind (tests).
     #[cfg(test)]
-    pub fn close_unclean(self) {
+    pub fn close_unclean(mut self) {
+        self.stop_spares();
         let _ = self.thread.join();
     }
+
+    fn stop_spares(&mut self) {
+        if let Some(m) = self.spares.take() {
+            m.stop.store(true, Ordering::Relaxed);
+            let _ = m.thread.join();
+        }
+    }
+}
+
+/// The thread that keeps spare segments ready ([`spare`]).
+struct SpareMaker {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Keeps `want` spares ready: made while no instance arrives and the disk has room.
+fn make_spares(
+    pool: &segment::Pool,
+    data_dir: &Path,
+    min_free: u64,
+    want: usize,
+    stop: &AtomicBool,
+) {
+    let Some(spares) = pool.spares() else { return };
+    let stopped = || stop.load(Ordering::Relaxed);
+    let busy = || pool.idle_for() < spare::IDLE_FOR;
+    while !stopped() {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if spares.count() >= want
+            || busy()
+            || !room_for_spare(data_dir, min_free, spares.file_len())
+        {
+            continue;
+        }
+        match spares.make_one(spare::PACE, &busy, &stopped) {
+            Ok(true) => {
+                log::debug!(ready = spares.count(); "spare segment made");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                log::warn!(dir:% = spares.dir().display(), error:% = e; "cannot make a spare segment; trying again in a minute");
+                for _ in 0..300 {
+                    if stopped() {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            }
+        }
+    }
+}
+
+/// Whether the disk has room for one more spare of `len` bytes with [`spare::HEADROOM`] to
+/// spare beyond the reserve.
+fn room_for_spare(data_dir: &Path, min_free: u64, len: u64) -> bool {
+    nix::sys::statvfs::statvfs(data_dir).is_ok_and(|s| {
+        s.blocks_available().saturating_mul(s.fragment_size())
+            >= min_free.saturating_add(spare::HEADROOM).saturating_add(len)
+    })
 }
 
 impl Store {
@@ -197,6 +263,7 @@ impl Store {
     pub fn open(
         data_dir: &Path,
         min_free: u64,
+        spare_segments: usize,
         on_fatal: tokio_util::sync::CancellationToken,
         router: Router,
         wake: Wake,
@@ -226,6 +293,40 @@ impl Store {
             }),
         )
         .map_err(io_err(data_dir))?;
+        let mut pool = segment::Pool::new(data_dir, next_id);
+        let mut maker = None;
+        if spare_segments > 0 {
+            pool = pool
+                .with_spares(spare_segments)
+                .map_err(io_err(&pool_dir(data_dir)))?;
+            if let Some(spares) = pool.spares() {
+                // A store that holds no segment is new (or empty): the disk is idle, so the
+                // spares are made now, before the first instance, rather than during it.
+                if next_id == 1 {
+                    while spares.count() < spare_segments
+                        && room_for_spare(data_dir, min_free, spares.file_len())
+                    {
+                        if !spares
+                            .make_one(std::time::Duration::ZERO, &|| false, &|| false)
+                            .map_err(io_err(spares.dir()))?
+                        {
+                            break;
+                        }
+                        rec.spares_made += 1;
+                    }
+                }
+            }
+        }
+        let pool = Arc::new(pool);
+        if spare_segments > 0 {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (p, d, s) = (pool.clone(), data_dir.to_path_buf(), stop.clone());
+            let thread = std::thread::Builder::new()
+                .name("spare-segments".into())
+                .spawn(move || make_spares(&p, &d, min_free, spare_segments, &s))
+                .map_err(io_err(data_dir))?;
+            maker = Some(SpareMaker { stop, thread });
+        }
         let store = Store {
             inner: Arc::new(Inner {
                 data_dir: data_dir.to_path_buf(),
@@ -237,10 +338,17 @@ impl Store {
                 on_fatal,
                 low_space: AtomicBool::new(false),
                 roomy: std::sync::Mutex::new(None),
-                pool: Arc::new(segment::Pool::new(data_dir, next_id)),
+                pool,
             }),
         };
-        Ok((store, StoreRuntime { thread }, rec))
+        Ok((
+            store,
+            StoreRuntime {
+                thread,
+                spares: maker,
+            },
+            rec,
+        ))
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -260,6 +368,20 @@ impl Store {
     /// The segments open for appending (eviction must not delete those).
     pub fn pool(&self) -> &Arc<segment::Pool> {
         &self.inner.pool
+    }
+
+    /// Below the reserve: deletes the spare segments (they hold nothing) and returns the free
+    /// space after that (`free` if there were none).
+    fn release_spares(&self, free: u64) -> u64 {
+        let Some(spares) = self.inner.pool.spares() else {
+            return free;
+        };
+        let n = spares.release();
+        if n == 0 {
+            return free;
+        }
+        log::warn!(released = n; "disk reserve reached: deleted the spare segments");
+        self.free_bytes().unwrap_or(free)
     }
 
     /// Free bytes for this service on the data directory's filesystem.
@@ -290,6 +412,11 @@ impl Store {
                 free
             }
         };
+        let free = if free < inner.min_free {
+            self.release_spares(free)
+        } else {
+            free
+        };
         if free < inner.min_free {
             if !inner.low_space.swap(true, Ordering::Relaxed) {
                 log::error!(
@@ -306,6 +433,7 @@ impl Store {
         if inner.low_space.swap(false, Ordering::Relaxed) {
             log::warn!(free_mib = free >> 20; "disk space is above the reserve again: accepting instances");
         }
+        inner.pool.touch();
         let header = spool::encode_header(&FileMeta {
             sop_class_uid: incoming.sop_class_uid.clone(),
             sop_instance_uid: incoming.sop_instance_uid.clone(),
@@ -755,7 +883,8 @@ fn recover(db: &Database, data_dir: &Path, rec: &mut Recovery) -> Result<u64, St
         rec.segments_removed += 1;
     }
     rec.segments_removed += reap(db, data_dir, &|_| false).map_err(idx)?;
-    if rec.reindexed + rec.skipped > 0 || rec.tail_bytes_removed > 0 {
+    // After a clean stop the only tail is the unused part of a segment made from a spare.
+    if rec.reindexed + rec.skipped > 0 || (rec.tail_bytes_removed > 0 && !rec.clean) {
         log::warn!(reindexed = rec.reindexed, skipped = rec.skipped, tail_bytes_removed = rec.tail_bytes_removed; "segments recovered after an unclean stop");
     }
     Ok(next_id)
@@ -787,6 +916,10 @@ pub fn reap(db: &Database, data_dir: &Path, open: &dyn Fn(u64) -> bool) -> Resul
     }
     txn.commit().map_err(|e| e.to_string())?;
     Ok(removed)
+}
+
+fn pool_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(segment::SEGMENT_DIR)
 }
 
 fn open_read_only(data_dir: &Path) -> Result<redb::ReadOnlyDatabase, String> {

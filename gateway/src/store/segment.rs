@@ -104,6 +104,7 @@ pub fn list(data_dir: &Path) -> io::Result<Vec<u64>> {
         let e = e?;
         match e.file_name().to_str().and_then(parse_name) {
             Some(id) => ids.push(id),
+            None if e.file_name() == super::spare::SPARE_DIR => {}
             None => {
                 log::warn!(path:% = e.path().display(); "unexpected file among the segments; leaving it alone");
             }
@@ -174,6 +175,8 @@ pub struct Segment {
     salt: [u8; 32],
     /// Where the next record starts.
     end: u64,
+    /// Made from a spare ([`super::spare`]): written to its full length in advance.
+    prewritten: bool,
 }
 
 impl Segment {
@@ -185,13 +188,7 @@ impl Segment {
             .write(true)
             .create_new(true)
             .open(&path)?;
-        let mut salt = [0u8; 32];
-        getrandom(&mut salt)?;
-        let mut h = [0u8; SEGMENT_HEADER as usize];
-        h[..8].copy_from_slice(SEGMENT_MAGIC);
-        h[8..16].copy_from_slice(&id.to_le_bytes());
-        h[16..48].copy_from_slice(&salt);
-        file.write_all_at(&h, 0)?;
+        let salt = write_segment_header(&file, id)?;
         file.sync_all()?;
         spool::fsync_dir(&data_dir.join(SEGMENT_DIR))?;
         Ok(Segment {
@@ -200,6 +197,37 @@ impl Segment {
             path,
             salt,
             end: SEGMENT_HEADER,
+            prewritten: false,
+        })
+    }
+
+    /// Makes segment `id` of the spare file at `spare` ([`super::spare`]): renames it into
+    /// place, flushes both directories, then writes and flushes the header. A crash before the
+    /// header is durable leaves a file whose header does not name `id`: start-up deletes it as
+    /// a segment that was being created.
+    pub fn from_spare(data_dir: &Path, id: u64, spare: &Path) -> io::Result<Segment> {
+        let path = segment_path(data_dir, id);
+        if path.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists", path.display()),
+            ));
+        }
+        fs::rename(spare, &path)?;
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        spool::fsync_dir(&data_dir.join(SEGMENT_DIR))?;
+        if let Some(dir) = spare.parent() {
+            spool::fsync_dir(dir)?;
+        }
+        let salt = write_segment_header(&file, id)?;
+        file.sync_data()?;
+        Ok(Segment {
+            id,
+            file,
+            path,
+            salt,
+            end: SEGMENT_HEADER,
+            prewritten: true,
         })
     }
 
@@ -276,10 +304,25 @@ impl Segment {
     }
 
     /// Drops whatever an abandoned record left beyond the end (no flush: after a crash the
-    /// leftovers have no valid header and end the chain anyway).
+    /// leftovers have no valid header and end the chain anyway). A segment made from a spare
+    /// keeps its length, so that its next record overwrites the leftovers in place.
     pub fn discard_tail(&self) {
-        let _ = self.file.set_len(self.end);
+        if !self.prewritten {
+            let _ = self.file.set_len(self.end);
+        }
     }
+}
+
+/// Writes a segment header for `id` with a new salt at the start of `file`; returns the salt.
+fn write_segment_header(file: &File, id: u64) -> io::Result<[u8; 32]> {
+    let mut salt = [0u8; 32];
+    getrandom(&mut salt)?;
+    let mut h = [0u8; SEGMENT_HEADER as usize];
+    h[..8].copy_from_slice(SEGMENT_MAGIC);
+    h[8..16].copy_from_slice(&id.to_le_bytes());
+    h[16..48].copy_from_slice(&salt);
+    file.write_all_at(&h, 0)?;
+    Ok(salt)
 }
 
 fn getrandom(buf: &mut [u8]) -> io::Result<()> {
@@ -469,6 +512,13 @@ pub struct Pool {
     idle: Mutex<Vec<Segment>>,
     /// Ids of segments that are idle or being written: not to be deleted.
     open: Mutex<HashSet<u64>>,
+    /// Files new segments are made of, when there are any.
+    spares: Option<super::spare::Spares>,
+    /// How many spares are kept ready (`gateway.spare_segments` at start).
+    spares_wanted: usize,
+    /// When an instance last began arriving (ms since `started`): spares are made while idle.
+    last_busy_ms: AtomicU64,
+    started: std::time::Instant,
 }
 
 impl Pool {
@@ -477,20 +527,71 @@ impl Pool {
             data_dir: data_dir.to_path_buf(),
             next_id: AtomicU64::new(next_id),
             next_seq: AtomicU64::new(1),
-            target: AtomicU64::new(SEGMENT_TARGET),
+            target: AtomicU64::new(test_target().unwrap_or(SEGMENT_TARGET)),
             idle: Mutex::new(Vec::new()),
             open: Mutex::new(HashSet::new()),
+            spares: None,
+            spares_wanted: 0,
+            last_busy_ms: AtomicU64::new(0),
+            started: std::time::Instant::now(),
         }
     }
 
-    /// An idle segment, or a new one. Blocking (creating one flushes).
+    /// New segments are made of the spares in `segments/spare` ([`super::spare`]) while there
+    /// are any; `wanted` are kept ready. Blocking (lists and cleans that directory).
+    pub fn with_spares(mut self, wanted: usize) -> io::Result<Pool> {
+        let len = self.target.load(Ordering::Relaxed) + super::spare::SLACK;
+        self.spares = Some(super::spare::Spares::open(&self.dir(), len)?);
+        self.spares_wanted = wanted;
+        Ok(self)
+    }
+
+    /// How many spares are kept ready.
+    pub fn spares_wanted(&self) -> usize {
+        self.spares_wanted
+    }
+
+    pub fn spares(&self) -> Option<&super::spare::Spares> {
+        self.spares.as_ref()
+    }
+
+    /// Notes that an instance began arriving.
+    pub fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_busy_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long since an instance last began arriving (since start if none did).
+    pub fn idle_for(&self) -> std::time::Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        std::time::Duration::from_millis(
+            now.saturating_sub(self.last_busy_ms.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// An idle segment, or a new one, made of a spare if there is one. Blocking (creating one
+    /// flushes).
     pub fn take(&self) -> io::Result<Segment> {
         if let Some(s) = lock(&self.idle).pop() {
             return Ok(s);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&self.open).insert(id);
-        Segment::create(&self.data_dir, id).inspect_err(|_| {
+        let spare = self.spares.as_ref().and_then(|s| s.take());
+        let made = match spare {
+            Some(path) => Segment::from_spare(&self.data_dir, id, &path).or_else(|e| {
+                log::warn!(path:% = path.display(), error:% = e; "cannot use a spare segment; creating one");
+                // Neither file holds a record: the spare, or the segment it was renamed to
+                // before its header was written.
+                let _ = std::fs::remove_file(&path);
+                if e.kind() != io::ErrorKind::AlreadyExists {
+                    let _ = std::fs::remove_file(segment_path(&self.data_dir, id));
+                }
+                Segment::create(&self.data_dir, id)
+            }),
+            None => Segment::create(&self.data_dir, id),
+        };
+        made.inspect_err(|_| {
             lock(&self.open).remove(&id);
         })
     }
@@ -529,6 +630,22 @@ impl Pool {
     pub fn next_seq(&self) -> u64 {
         self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// A segment target for pools made on this thread (tests: small spares).
+    pub static TEST_TARGET: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+#[cfg(test)]
+fn test_target() -> Option<u64> {
+    TEST_TARGET.with(|t| t.get())
+}
+
+#[cfg(not(test))]
+fn test_target() -> Option<u64> {
+    None
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -32,7 +32,7 @@ pub(super) fn open(dir: &Path, dests: &[&str]) -> (Store, StoreRuntime, Recovery
     let dests: Vec<String> = dests.iter().map(|d| (*d).to_owned()).collect();
     let router: Router = Arc::new(move |_: &str, _: &str, _: &str| dests.clone());
     let wake: Wake = Arc::new(|_: &str| {});
-    Store::open(dir, 0, CancellationToken::new(), router, wake).unwrap()
+    Store::open(dir, 0, 0, CancellationToken::new(), router, wake).unwrap()
 }
 
 pub(super) fn incoming(sop: &str) -> IncomingInstance {
@@ -456,6 +456,183 @@ fn shared_and_streamed_segments_close_when_full_and_are_recovered() {
     check(&index::all_instances(store.db().as_ref()).unwrap());
     let (counts, _) = queue::stats(store.db(), "pacs").unwrap();
     assert_eq!(counts.pending, sent.len() as u64);
+    drop(store);
+    rt.close().unwrap();
+}
+
+fn open_spares(dir: &Path, spares: usize, min_free: u64) -> (Store, StoreRuntime, Recovery) {
+    let router: Router = Arc::new(|_: &str, _: &str, _: &str| vec!["pacs".to_owned()]);
+    let wake: Wake = Arc::new(|_: &str| {});
+    // Spares of 256 KiB + SLACK rather than 65 MiB.
+    segment::TEST_TARGET.with(|t| t.set(Some(256 * 1024)));
+    let r = Store::open(
+        dir,
+        min_free,
+        spares,
+        CancellationToken::new(),
+        router,
+        wake,
+    )
+    .unwrap();
+    segment::TEST_TARGET.with(|t| t.set(None));
+    r
+}
+
+fn spare_files(dir: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = std::fs::read_dir(dir.join(segment::SEGMENT_DIR).join(spare::SPARE_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// A new store makes its spares before it serves; segments are made of them (full length,
+/// never grown by a record), an abandoned record's leftovers are overwritten in place, and
+/// after a crash that lost the index commits every record is rebuilt and the unused tails cut.
+#[test]
+fn segments_made_of_spares_hold_records_across_a_crash() {
+    let spare_len = 256 * 1024 + spare::SLACK;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, rt, rec) = open_spares(dir.path(), 3, 0);
+    assert_eq!(rec.spares_made, 3);
+    assert_eq!(spare_files(dir.path()), vec![spare_len; 3]);
+    drop(store);
+    rt.close().unwrap();
+    let before = snapshot(dir.path());
+
+    let (store, rt, rec) = open_spares(dir.path(), 3, 0);
+    assert_eq!(rec.spares_made, 0, "a store with spares already has them");
+    let mut sent = std::collections::BTreeMap::new();
+    for n in 0..10 {
+        let sop = format!("1.8.{n}");
+        let data = dataset(&sop);
+        let mut i = store.begin(incoming(&sop)).unwrap();
+        i.write(&data).unwrap();
+        assert_eq!(i.finish().unwrap().outcome, CommitOutcome::Stored);
+        sent.insert(sop, data);
+    }
+    // A large instance abandoned half-way (its association aborted), then another one that
+    // takes the same segment and starts where the abandoned one did.
+    let mut i = store.begin(incoming("1.8.100")).unwrap();
+    i.write(&big_dataset("1.8.100", 200_000)[..150_000])
+        .unwrap();
+    drop(i);
+    let big = big_dataset("1.8.101", 100_000);
+    let mut i = store.begin(incoming("1.8.101")).unwrap();
+    for chunk in big.chunks(16 * 1024) {
+        i.write(chunk).unwrap();
+    }
+    assert_eq!(i.finish().unwrap().outcome, CommitOutcome::Stored);
+    sent.insert("1.8.101".to_owned(), big);
+    // The shared segment and the streamed one: both spares, neither grown.
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(files.iter().all(|&(_, len)| len == spare_len), "{files:?}");
+    assert_eq!(spare_files(dir.path()), vec![spare_len]);
+    drop(store);
+    rt.close_unclean();
+    lose_index_commits_since(dir.path(), &before);
+
+    let (store, rt, rec) = open_spares(dir.path(), 3, 0);
+    assert_eq!(rec.reindexed, sent.len(), "{rec:?}");
+    assert_eq!(rec.skipped, 0, "{rec:?}");
+    assert!(rec.tail_bytes_removed > 0, "{rec:?}");
+    let rows = index::all_instances(store.db().as_ref()).unwrap();
+    assert_eq!(rows.len(), sent.len());
+    for r in &rows {
+        assert_eq!(
+            read_dataset(dir.path(), r).unwrap(),
+            sent[&r.sop_instance_uid]
+        );
+    }
+    // Recovery cut the unused tails: the segments end at their last record.
+    for (id, len) in segment_files(dir.path()) {
+        let end = rows
+            .iter()
+            .filter(|r| r.location.segment == id)
+            .map(|r| r.location.end())
+            .max()
+            .unwrap();
+        assert_eq!(len, end);
+    }
+    drop(store);
+    rt.close().unwrap();
+}
+
+/// Crash windows of spares: an interrupted spare, a file of the wrong length and a spare
+/// renamed into place before its header was written hold nothing and are deleted at start-up.
+#[test]
+fn unfinished_spares_are_deleted_at_start_up() {
+    let spare_len = 256 * 1024 + spare::SLACK;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, rt, _) = open_spares(dir.path(), 1, 0);
+    store_one_sync(&store, "1.7.1");
+    drop(store);
+    rt.close().unwrap();
+    let spares = dir.path().join(segment::SEGMENT_DIR).join(spare::SPARE_DIR);
+    std::fs::write(spares.join("making.tmp"), vec![0u8; 4096]).unwrap();
+    std::fs::write(spares.join("9.spare"), vec![0u8; 4096]).unwrap();
+    let renamed = segment::segment_path(dir.path(), 7);
+    std::fs::write(&renamed, vec![0u8; spare_len as usize]).unwrap();
+
+    let (store, rt, rec) = open_spares(dir.path(), 1, 0);
+    assert!(!renamed.exists());
+    assert_eq!(rec.segments_removed, 1, "{rec:?}");
+    assert!(
+        spare_files(dir.path()).is_empty(),
+        "{:?}",
+        spare_files(dir.path())
+    );
+    assert_eq!(index::all_instances(store.db().as_ref()).unwrap().len(), 1);
+    drop(store);
+    rt.close().unwrap();
+}
+
+fn store_one_sync(store: &Store, sop: &str) {
+    let mut i = store.begin(incoming(sop)).unwrap();
+    i.write(&dataset(sop)).unwrap();
+    assert_eq!(i.finish().unwrap().outcome, CommitOutcome::Stored);
+}
+
+/// At the disk reserve the spares are deleted before an instance is refused; while the disk
+/// has no room none is made.
+#[test]
+fn spares_give_their_space_back_at_the_disk_reserve() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, rt, rec) = open_spares(dir.path(), 2, 0);
+    assert_eq!(rec.spares_made, 2);
+    drop(store);
+    rt.close().unwrap();
+    let free = {
+        let s = nix::sys::statvfs::statvfs(dir.path()).unwrap();
+        s.blocks_available() * s.fragment_size()
+    };
+    let (store, rt, rec) = open_spares(dir.path(), 2, free + (1 << 40));
+    assert_eq!(rec.spares_made, 0);
+    assert_eq!(spare_files(dir.path()).len(), 2);
+    let refused = store.begin(incoming("1.6.1"));
+    assert!(matches!(refused, Err(StoreError::DiskReserve { .. })));
+    assert!(spare_files(dir.path()).is_empty());
+    drop(store);
+    rt.close().unwrap();
+}
+
+/// Spares used up are made again once no instance has arrived for a while.
+#[test]
+fn used_spares_are_made_again_while_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, rt, _) = open_spares(dir.path(), 2, 0);
+    let big = big_dataset("1.5.1", 100_000);
+    let mut i = store.begin(incoming("1.5.1")).unwrap();
+    i.write(&big).unwrap();
+    i.finish().unwrap();
+    assert_eq!(spare_files(dir.path()).len(), 1);
+    let deadline = std::time::Instant::now() + spare::IDLE_FOR + std::time::Duration::from_secs(10);
+    while spare_files(dir.path()).len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no spare was made");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     drop(store);
     rt.close().unwrap();
 }

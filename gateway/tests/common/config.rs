@@ -35,6 +35,9 @@ pub struct GatewayConfig {
     pub dimse_timeout_secs: Option<u64>,
     /// Small by default so the suite runs on a nearly full disk.
     pub min_free_disk_mb: u64,
+    /// `gateway.spare_segments`; 0 here (the product default, 4, would make every test
+    /// gateway write 260 MiB of spares before READY); the crash test uses them.
+    pub spare_segments: u32,
     pub modalities: Vec<Modality>,
     pub any_calling_ae_from: Vec<String>,
     /// `[metrics] address`; empty (the test default) disables the endpoint, so parallel
@@ -56,6 +59,7 @@ impl Default for GatewayConfig {
             idle_timeout_secs: None,
             dimse_timeout_secs: None,
             min_free_disk_mb: 16,
+            spare_segments: 0,
             modalities: vec![
                 Modality::new("STORESCU", &["127.0.0.1"]),
                 Modality::new("ECHOSCU", &["127.0.0.1"]),
@@ -102,6 +106,7 @@ impl GatewayConfig {
         opt(&mut t, "idle_timeout_secs", self.idle_timeout_secs);
         opt(&mut t, "dimse_timeout_secs", self.dimse_timeout_secs);
         let _ = writeln!(t, "min_free_disk_mb = {}", self.min_free_disk_mb);
+        let _ = writeln!(t, "spare_segments = {}", self.spare_segments);
         if let Some(u) = &self.run_as {
             let _ = writeln!(t, "run_as = {}", toml_str(u));
         }

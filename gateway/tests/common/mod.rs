@@ -441,7 +441,13 @@ impl Gateway {
             *e = (*e).max(r.offset + r.length);
         }
         let mut out = Vec::new();
+        let spares = self.data_dir().join("segments").join("spare");
         for f in files_under(&self.data_dir().join("segments")) {
+            // Spare segments hold nothing (docs/durability.md); an interrupted one is
+            // `making.tmp`, which start-up deletes.
+            if f.parent() == Some(spares.as_path()) && f.extension().is_some_and(|e| e == "spare") {
+                continue;
+            }
             let Some(id) = f
                 .file_name()
                 .and_then(|n| n.to_str())
