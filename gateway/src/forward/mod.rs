@@ -312,10 +312,8 @@ impl Worker {
                 }
                 continue;
             }
-            if leases.len() == BATCH {
-                // More work than one batch: let another worker start in parallel.
-                self.dest.wake();
-            }
+            // Another worker may have work too (a lease takes at most its share, or a batch).
+            self.dest.wake();
             let results = self.send_batch(&mut conn, leases).await;
             self.dest.beat();
             last_used = Instant::now();
@@ -326,7 +324,8 @@ impl Worker {
 
     async fn lease(&self) -> Result<Vec<Lease>, String> {
         let (db, name) = (self.db.clone(), self.dest.config.name.clone());
-        tokio::task::spawn_blocking(move || queue::lease(&db, &name, BATCH))
+        let share = self.dest.config.max_associations as usize;
+        tokio::task::spawn_blocking(move || queue::lease(&db, &name, BATCH, share))
             .await
             .map_err(|e| e.to_string())?
     }

@@ -237,13 +237,24 @@ pub fn recover_in_flight(db: &Database) -> IndexResult<usize> {
     Ok(moved)
 }
 
-/// Leases up to `max` pending entries of `dest`, oldest first within priority.
-pub fn lease(db: &Database, dest: &str, max: usize) -> IndexResult<Vec<Lease>> {
+/// Leases up to `max` pending entries of `dest`, oldest first within priority, and at most a
+/// `share`-th (rounded up) of the entries pending or in flight: so that `share` workers split
+/// a short backlog between them instead of the first taking all of it.
+pub fn lease(db: &Database, dest: &str, max: usize, share: usize) -> IndexResult<Vec<Lease>> {
     let mut txn = db.begin_write().map_err(err)?;
     // A lost lease leaves the entry pending: no fsync needed (see the module doc).
     txn.set_durability(Durability::None).map_err(err)?;
     let mut out = Vec::new();
     {
+        let pending = txn
+            .open_table(STATS)
+            .map_err(err)?
+            .get(dest)
+            .map_err(err)?
+            .and_then(|v| postcard::from_bytes::<Counts>(v.value()).ok())
+            .map_or(0, |c| c.pending);
+        let fair = usize::try_from(pending.div_ceil(share.max(1) as u64)).unwrap_or(usize::MAX);
+        let max = max.min(fair.max(1));
         let mut ready = txn.open_table(READY).map_err(err)?;
         let keys: Vec<(u8, u64, String)> = ready
             .range((dest, 0u8, 0u64)..=(dest, u8::MAX, u64::MAX))

@@ -48,7 +48,7 @@ fn lease_order_is_priority_then_arrival_and_per_destination() {
         &[("1.1", false), ("1.2", false), ("1.3", true)],
         &["a", "b"],
     );
-    let got: Vec<String> = lease(&db, "a", 10)
+    let got: Vec<String> = lease(&db, "a", 10, 1)
         .unwrap()
         .into_iter()
         .map(|l| l.sop_instance_uid)
@@ -56,15 +56,15 @@ fn lease_order_is_priority_then_arrival_and_per_destination() {
     assert_eq!(got, vec!["1.3", "1.1", "1.2"]);
     // Destination b is untouched by a's lease.
     assert_eq!(counts(&db, "b").pending, 3);
-    assert_eq!(lease(&db, "b", 1).unwrap().len(), 1);
+    assert_eq!(lease(&db, "b", 1, 1).unwrap().len(), 1);
     // Nothing left to lease for a while it is in flight.
-    assert!(lease(&db, "a", 10).unwrap().is_empty());
+    assert!(lease(&db, "a", 10, 1).unwrap().is_empty());
 }
 
 #[test]
 fn completions_move_entries_and_counts() {
     let (_d, db) = db_with(&[("1.1", false), ("1.2", false), ("1.3", false)], &["a"]);
-    let leased = lease(&db, "a", 10).unwrap();
+    let leased = lease(&db, "a", 10, 1).unwrap();
     let results = vec![
         (leased[0].clone(), Completion::Delivered { status: 0 }),
         (
@@ -97,7 +97,7 @@ fn completions_move_entries_and_counts() {
     assert_eq!(failed[0].1, "1.3");
     assert_eq!(failed[0].2.last_status, Some(0xA900));
     // The retried one is pending again and leasable.
-    let again = lease(&db, "a", 10).unwrap();
+    let again = lease(&db, "a", 10, 1).unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].sop_instance_uid, "1.2");
     // Operator retry brings the failed one back; purge of nothing failed is a no-op.
@@ -134,7 +134,7 @@ fn completions_move_entries_and_counts() {
 #[test]
 fn purge_drops_only_failed_entries() {
     let (_d, db) = db_with(&[("1.1", false), ("1.2", false)], &["a"]);
-    let leased = lease(&db, "a", 10).unwrap();
+    let leased = lease(&db, "a", 10, 1).unwrap();
     complete(
         &db,
         "a",
@@ -183,9 +183,9 @@ fn purge_drops_only_failed_entries() {
 #[test]
 fn in_flight_entries_return_to_pending_at_start() {
     let (_d, db) = db_with(&[("1.1", false), ("1.2", true)], &["a"]);
-    assert_eq!(lease(&db, "a", 10).unwrap().len(), 2);
+    assert_eq!(lease(&db, "a", 10, 1).unwrap().len(), 2);
     assert_eq!(recover_in_flight(&db).unwrap(), 2);
-    let got: Vec<String> = lease(&db, "a", 10)
+    let got: Vec<String> = lease(&db, "a", 10, 1)
         .unwrap()
         .into_iter()
         .map(|l| l.sop_instance_uid)
@@ -201,7 +201,7 @@ fn in_flight_entries_return_to_pending_at_start() {
 #[test]
 fn give_up_after_moves_old_retries_to_failed() {
     let (_d, db) = db_with(&[("1.1", false)], &["a"]);
-    let leased = lease(&db, "a", 10).unwrap();
+    let leased = lease(&db, "a", 10, 1).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(5));
     complete(
         &db,
@@ -229,7 +229,7 @@ fn give_up_after_moves_old_retries_to_failed() {
 #[test]
 fn new_version_requeues_delivered_and_marks_in_flight_for_resend() {
     let (_d, db) = db_with(&[("1.1", false), ("1.2", false)], &["a"]);
-    let leased = lease(&db, "a", 10).unwrap();
+    let leased = lease(&db, "a", 10, 1).unwrap();
     complete(
         &db,
         "a",
@@ -249,7 +249,7 @@ fn new_version_requeues_delivered_and_marks_in_flight_for_resend() {
         None,
     )
     .unwrap();
-    let got: Vec<String> = lease(&db, "a", 10)
+    let got: Vec<String> = lease(&db, "a", 10, 1)
         .unwrap()
         .into_iter()
         .map(|l| l.sop_instance_uid)
@@ -262,7 +262,7 @@ fn new_version_requeues_delivered_and_marks_in_flight_for_resend() {
 fn entries_never_sent_do_not_count_attempts() {
     let (_d, db) = db_with(&[("1.1", false)], &["a"]);
     for _ in 0..3 {
-        let leased = lease(&db, "a", 10).unwrap();
+        let leased = lease(&db, "a", 10, 1).unwrap();
         let not_sent = Completion::Retry {
             status: None,
             error: "connection refused".into(),
@@ -273,4 +273,23 @@ fn entries_never_sent_do_not_count_attempts() {
     let e = &list(&db, Some("a"), None, 10).unwrap()[0].2;
     assert_eq!(e.attempts, 0);
     assert_eq!(e.last_error, "connection refused");
+}
+
+/// Workers split a short backlog: each lease takes at most its share of what is pending or in
+/// flight, and never nothing while something is due.
+#[test]
+fn a_lease_takes_at_most_its_share_of_the_backlog() {
+    let items: Vec<(String, bool)> = (0..10).map(|n| (format!("1.{n}"), false)).collect();
+    let refs: Vec<(&str, bool)> = items.iter().map(|(s, h)| (s.as_str(), *h)).collect();
+    let (_d, db) = db_with(&refs, &["a"]);
+    // 10 pending, 4 workers: ceil(10 / 4) = 3, though 32 were asked for.
+    assert_eq!(lease(&db, "a", 32, 4).unwrap().len(), 3);
+    // Still 10 pending or in flight: the next worker gets 3 as well, and so on.
+    assert_eq!(lease(&db, "a", 32, 4).unwrap().len(), 3);
+    assert_eq!(lease(&db, "a", 32, 4).unwrap().len(), 3);
+    assert_eq!(lease(&db, "a", 32, 4).unwrap().len(), 1);
+    assert!(lease(&db, "a", 32, 4).unwrap().is_empty());
+    // `max` still bounds a lease when the share is larger.
+    let (_d, db) = db_with(&refs, &["a"]);
+    assert_eq!(lease(&db, "a", 2, 1).unwrap().len(), 2);
 }
