@@ -16,8 +16,9 @@
 //! data flush or commit answers A700 and stops the gateway: the state of the disk is then
 //! unknown, and the restart checks it.
 //!
-//! Start-up also cuts the unfinished record a crash left at a segment's end (never
-//! acknowledged), reports rows whose segment is gone, and deletes segments no row refers to.
+//! Start-up also cuts what follows the last valid record of each segment (an unfinished record
+//! a crash left, never acknowledged, or the unused zeros of a segment made of a [`spare`]),
+//! reports rows whose segment is gone, and deletes segments no row refers to.
 //!
 //! # Bounded memory
 //!
@@ -198,9 +199,11 @@ impl StoreRuntime {
     }
 
     fn stop_spares(&mut self) {
-        if let Some(m) = self.spares.take() {
+        if let Some(m) = self.spares.as_mut() {
             m.stop.store(true, Ordering::Relaxed);
-            let _ = m.thread.join();
+            if let Some(t) = m.thread.take() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -208,7 +211,14 @@ impl StoreRuntime {
 /// The thread that keeps spare segments ready ([`spare`]).
 struct SpareMaker {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for SpareMaker {
+    /// A runtime dropped without [`StoreRuntime::close`] (an error at start) still stops it.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Keeps `want` spares ready: made while no instance arrives and the disk has room.
@@ -325,7 +335,10 @@ impl Store {
                 .name("spare-segments".into())
                 .spawn(move || make_spares(&p, &d, min_free, spare_segments, &s))
                 .map_err(io_err(data_dir))?;
-            maker = Some(SpareMaker { stop, thread });
+            maker = Some(SpareMaker {
+                stop,
+                thread: Some(thread),
+            });
         }
         let store = Store {
             inner: Arc::new(Inner {
@@ -883,9 +896,10 @@ fn recover(db: &Database, data_dir: &Path, rec: &mut Recovery) -> Result<u64, St
         rec.segments_removed += 1;
     }
     rec.segments_removed += reap(db, data_dir, &|_| false).map_err(idx)?;
-    // After a clean stop the only tail is the unused part of a segment made from a spare.
-    if rec.reindexed + rec.skipped > 0 || (rec.tail_bytes_removed > 0 && !rec.clean) {
-        log::warn!(reindexed = rec.reindexed, skipped = rec.skipped, tail_bytes_removed = rec.tail_bytes_removed; "segments recovered after an unclean stop");
+    // Cut tails are not reported here: they are never acknowledged records, or the unused
+    // zeros of a segment made from a spare (the "store open" line gives their size).
+    if rec.reindexed + rec.skipped > 0 {
+        log::warn!(reindexed = rec.reindexed, skipped = rec.skipped; "segments recovered after an unclean stop");
     }
     Ok(next_id)
 }
