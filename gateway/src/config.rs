@@ -456,7 +456,8 @@ pub const DEFAULT_MIN_FREE_DISK_MB: u64 = 1024;
 pub const DEFAULT_SPARE_SEGMENTS: u32 = 4;
 pub const MAX_SPARE_SEGMENTS: u32 = 64;
 /// One C-STORE per round trip per association (no asynchronous operations window): over 50 ms
-/// RTT at 100 Mbit/s, 2 associations filled 58 % of the link and 4 filled 79 % (docs/benchmarks.md).
+/// RTT at 100 Mbit/s, 2 associations filled 54-58 % of the link, 4 filled 64-80 % and 8 filled
+/// 72-83 % (docs/benchmarks.md). 4 is kept as a common PACS limit per calling AE.
 pub const DEFAULT_DEST_MAX_ASSOCIATIONS: u32 = 4;
 pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9102";
 pub const DEFAULT_HIGH_WATERMARK_PERCENT: u8 = 80;
