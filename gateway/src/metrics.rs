@@ -38,6 +38,7 @@ pub struct Metrics {
     destination_up: Family<Labels, Gauge>,
     disk_free: Gauge,
     disk_used_percent: Gauge,
+    spare_segments: Gauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -65,6 +66,7 @@ impl Metrics {
             destination_up: Family::default(),
             disk_free: Gauge::default(),
             disk_used_percent: Gauge::default(),
+            spare_segments: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -136,6 +138,11 @@ impl Metrics {
             "disk_used_percent",
             "Use of the data filesystem in percent",
             m.disk_used_percent.clone(),
+        );
+        registry.register(
+            "spare_segments",
+            "Spare segments ready (written in advance; gateway.spare_segments wanted)",
+            m.spare_segments.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -228,6 +235,9 @@ impl Metrics {
             #[allow(clippy::cast_possible_truncation)]
             self.disk_used_percent.set(pct as i64);
         }
+        let spares = ctl.store.pool().spares().map_or(0, |s| s.count());
+        self.spare_segments
+            .set(i64::try_from(spares).unwrap_or(i64::MAX));
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out

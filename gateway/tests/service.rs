@@ -295,6 +295,7 @@ fn metrics_move_with_traffic() {
     let port = free_port();
     let mut gw = Gateway::start(GatewayConfig {
         metrics_address: format!("127.0.0.1:{port}"),
+        spare_segments: 2,
         ..GatewayConfig::default()
     });
     with_dead_destination(&mut gw);
@@ -331,6 +332,10 @@ fn metrics_move_with_traffic() {
         0.0
     );
     assert!(metric(&text, "dicom_gateway_disk_free_bytes") > 0.0);
+    // Two spares made before READY, one became the segment of the 4 instances; the other is
+    // still there, and the used one may already be made again (after 5 s without traffic).
+    let spares = metric(&text, "dicom_gateway_spare_segments");
+    assert!((1.0..=2.0).contains(&spares), "{spares}");
     gw.stop();
 }
 
