@@ -121,7 +121,8 @@ impl Spares {
 
     /// Writes one spare: zeros in [`CHUNK`]s, `pace` apart, waiting before each while `pause()`
     /// says so and giving up when `stop()` does; then flushes it and gives it its name. Returns
-    /// whether a spare was made. Blocking; one caller at a time.
+    /// whether a spare was made. An unfinished one is deleted (a full disk keeps no partial
+    /// spare). Blocking; one caller at a time.
     pub fn make_one(
         &self,
         pace: Duration,
@@ -129,25 +130,35 @@ impl Spares {
         stop: &dyn Fn() -> bool,
     ) -> io::Result<bool> {
         let tmp = self.dir.join(TMP_NAME);
+        let made = self.write_one(&tmp, pace, pause, stop);
+        if !matches!(made, Ok(true)) {
+            let _ = fs::remove_file(&tmp);
+        }
+        made
+    }
+
+    fn write_one(
+        &self,
+        tmp: &Path,
+        pace: Duration,
+        pause: &dyn Fn() -> bool,
+        stop: &dyn Fn() -> bool,
+    ) -> io::Result<bool> {
         let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&tmp)?;
+            .open(tmp)?;
         let zeros = vec![0u8; CHUNK];
         let mut at = 0u64;
         while at < self.len {
             while pause() {
                 if stop() {
-                    drop(file);
-                    let _ = fs::remove_file(&tmp);
                     return Ok(false);
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
             if stop() {
-                drop(file);
-                let _ = fs::remove_file(&tmp);
                 return Ok(false);
             }
             let n = (self.len - at).min(CHUNK as u64) as usize;
@@ -160,7 +171,7 @@ impl Spares {
         file.sync_all()?;
         let name = self.next_name.fetch_add(1, Ordering::Relaxed);
         let path = self.dir.join(format!("{name}.spare"));
-        fs::rename(&tmp, &path)?;
+        fs::rename(tmp, &path)?;
         spool::fsync_dir(&self.dir)?;
         lock(&self.ready).push(path);
         Ok(true)
@@ -170,4 +181,41 @@ impl Spares {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned lock only means a holder panicked; the guarded data is a plain list.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A spare is complete or absent: one stopped half-way leaves no file behind, and the
+    /// directory is listed again with only whole spares.
+    #[test]
+    fn a_spare_is_whole_or_not_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let len = 3 * CHUNK as u64 + 17;
+        let spares = Spares::open(dir.path(), len).unwrap();
+        assert!(spares
+            .make_one(Duration::ZERO, &|| false, &|| false)
+            .unwrap());
+        // Stopped after two chunks.
+        let chunks = AtomicUsize::new(0);
+        let stop = || chunks.fetch_add(1, Ordering::Relaxed) >= 2;
+        assert!(!spares.make_one(Duration::ZERO, &|| false, &stop).unwrap());
+        let names: Vec<String> = fs::read_dir(spares.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["0.spare".to_owned()]);
+        assert_eq!(
+            fs::metadata(spares.dir().join("0.spare")).unwrap().len(),
+            len
+        );
+        assert_eq!(spares.count(), 1);
+        // Listed again after a restart; taken, it is no longer listed.
+        let again = Spares::open(dir.path(), len).unwrap();
+        assert_eq!(again.count(), 1);
+        assert!(again.take().is_some());
+        assert_eq!(again.count(), 0);
+    }
 }
