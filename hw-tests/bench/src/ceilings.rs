@@ -61,13 +61,14 @@ pub fn file_fsync(dir: &Path, count: u32, size: usize, threads: u32) -> Res<f64>
     Ok(f64::from(count) / elapsed.as_secs_f64())
 }
 
-/// iperf3 TCP throughput in Mbit/s (received) from this namespace to `host`; the server runs
-/// in `server_ns` when given.
+/// iperf3 TCP throughput in Mbit/s (received, all `streams` together) from this namespace to
+/// `host`; the server runs in `server_ns` when given.
 pub fn iperf3(
     tools: &Tools,
     host: &str,
     server_ns: Option<&str>,
     secs: u32,
+    streams: u32,
     dir: &Path,
 ) -> Res<f64> {
     let bin = tools.iperf3.as_ref().ok_or("iperf3 is not installed")?;
@@ -94,6 +95,8 @@ pub fn iperf3(
             &port.to_string(),
             "-t",
             &secs.to_string(),
+            "-P",
+            &streams.to_string(),
             "-J",
         ]);
         match run_timed(
