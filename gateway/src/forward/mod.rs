@@ -274,6 +274,7 @@ impl Worker {
         let cfg = &self.dest.config;
         let mut conn: Option<Upstream> = None;
         let mut last_used = Instant::now();
+        let mut recording = Recording::default();
         while !self.shutdown.is_cancelled() {
             self.dest.beat();
             if let Some(wait) = self.dest.wait_time() {
@@ -314,11 +315,12 @@ impl Worker {
             }
             // Another worker may have work too (a lease takes at most its share, or a batch).
             self.dest.wake();
-            let results = self.send_batch(&mut conn, leases).await;
+            let results = self.send_batch(&mut conn, leases, &mut recording).await;
             self.dest.beat();
             last_used = Instant::now();
-            self.record(results).await;
+            self.record(results, &mut recording).await;
         }
+        recording.finish().await;
         self.close(conn).await;
     }
 
@@ -339,10 +341,13 @@ impl Worker {
     }
 
     /// Sends a batch on `conn` (opening or replacing it as needed); every lease gets an outcome.
+    /// `recording`: the commit of outcomes still running; it is awaited before the next one
+    /// starts, so a worker has at most one in flight and they land in order.
     async fn send_batch(
         &self,
         conn: &mut Option<Upstream>,
         leases: Vec<Lease>,
+        recording: &mut Recording,
     ) -> Vec<(Lease, Completion)> {
         let cfg = &self.dest.config;
         let offers: BTreeSet<(String, String)> = leases
@@ -389,7 +394,7 @@ impl Worker {
             // Outcomes are recorded every few instances, not once per batch, so that a crash
             // re-sends little that was already delivered.
             if results.len() >= RECORD_EVERY || unrecorded_bytes >= RECORD_BYTES {
-                self.record(std::mem::take(&mut results)).await;
+                self.record(std::mem::take(&mut results), recording).await;
                 unrecorded_bytes = 0;
             }
             let Some(c) = conn.as_mut() else {
@@ -478,7 +483,11 @@ impl Worker {
         results
     }
 
-    async fn record(&self, results: Vec<(Lease, Completion)>) {
+    /// Reports `results` (log, counters, metrics) and starts committing them to the queue in
+    /// one durable transaction, after the commit `recording` holds has finished. The next
+    /// instances are sent while this one is flushed; until it lands, its entries stay in flight
+    /// (after a crash they are sent again: at least once, never lost).
+    async fn record(&self, results: Vec<(Lease, Completion)>, recording: &mut Recording) {
         let cfg = &self.dest.config;
         let delivered = results
             .iter()
@@ -518,17 +527,26 @@ impl Worker {
             .give_up_after
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let (db, name) = (self.db.clone(), cfg.name.clone());
-        let r = tokio::task::spawn_blocking(move || queue::complete(&db, &name, &results, give_up))
-            .await;
-        match r {
-            Ok(Ok(())) => {}
-            // The entries stay in flight and return to pending at the next start; nothing is
-            // lost, at worst sent twice.
-            Ok(Err(e)) => {
-                log::error!(destination:% = cfg.name, error:% = e; "cannot record forwarding results")
+        recording.finish().await;
+        recording.0 = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = queue::complete(&db, &name, &results, give_up) {
+                // The entries stay in flight and return to pending at the next start; nothing
+                // is lost, at worst sent twice.
+                log::error!(destination:% = name, error:% = e; "cannot record forwarding results");
             }
-            Err(e) => {
-                log::error!(destination:% = cfg.name, error:% = e; "cannot record forwarding results")
+        }));
+    }
+}
+
+/// The commit of a worker's last outcomes, while it runs.
+#[derive(Default)]
+struct Recording(Option<tokio::task::JoinHandle<()>>);
+
+impl Recording {
+    async fn finish(&mut self) {
+        if let Some(h) = self.0.take() {
+            if let Err(e) = h.await {
+                log::error!(error:% = e; "cannot record forwarding results");
             }
         }
     }

@@ -516,8 +516,10 @@ pub struct Upstream {
     message_id: u16,
     /// Set after a connection-level error: nothing more may be sent.
     broken: bool,
-    /// The dataset batch buffer, reused from one instance to the next.
+    /// The dataset batch buffers (one being sent, one being filled), reused from one
+    /// instance to the next.
     buf: Vec<u8>,
+    buf_next: Vec<u8>,
 }
 
 impl Upstream {
@@ -608,6 +610,7 @@ impl Upstream {
             message_id: 0,
             broken: false,
             buf: Vec::new(),
+            buf_next: Vec::new(),
         })
     }
 
@@ -844,62 +847,51 @@ impl Upstream {
     }
 
     /// Sends the C-STORE-RQ command and the dataset. The first batch is read before the
-    /// command goes out, so an unreadable file leaves the association clean.
+    /// command goes out, so an unreadable file leaves the association clean. Each later batch
+    /// is read (on a blocking thread) while the one before it is being sent.
     async fn send_store(
         &mut self,
         ctx: u8,
         cmd: &Command,
-        mut file: std::fs::File,
+        file: std::fs::File,
         len: u64,
     ) -> Result<(), SendFailure> {
         let max_data = self.max_data();
         let pdus = (BATCH_BYTES / (PDV_PDU_HEADER + max_data)).max(1);
+        let size = pdus * (PDV_PDU_HEADER + max_data);
+        let mut next = std::mem::take(&mut self.buf_next);
+        next.resize(size, 0);
         let mut buf = std::mem::take(&mut self.buf);
-        buf.resize(pdus * (PDV_PDU_HEADER + max_data), 0);
-        let mut left = len;
-        let mut sent_command = false;
+        buf.resize(size, 0);
         let t = self.dimse_timeout;
-        loop {
-            let read = tokio::task::spawn_blocking(move || {
-                let r = fill_batch(&mut file, &mut buf, ctx, false, max_data, pdus, left);
-                (file, buf, r)
-            })
-            .await;
-            let (used, rest) = match read {
-                Ok((f, b, Ok(r))) => {
-                    (file, buf) = (f, b);
-                    r
-                }
-                Ok((_, _, Err(source))) => {
-                    return Err(SendFailure::File {
-                        source,
-                        sent_command,
-                    })
-                }
-                Err(e) => {
-                    return Err(SendFailure::File {
-                        source: io::Error::other(e.to_string()),
-                        sent_command,
-                    })
-                }
-            };
-            if !sent_command {
-                let bytes = frame_all(ctx, true, &dimse::request(cmd), max_data);
-                pdu::send_bytes(&mut self.writer, &bytes, t)
-                    .await
-                    .map_err(|e| {
-                        SendFailure::Net(frame_error(&self.peer, Step::SendCommand, e, t))
-                    })?;
-                sent_command = true;
-            }
-            pdu::send_bytes(&mut self.writer, buf.get(..used).unwrap_or_default(), t)
+        let file_failure = |source, sent_command| SendFailure::File {
+            source,
+            sent_command,
+        };
+        let (mut file, mut cur, mut used, mut left) =
+            read_batch(file, buf, ctx, max_data, pdus, len)
                 .await
-                .map_err(|e| SendFailure::Net(frame_error(&self.peer, Step::SendData, e, t)))?;
-            left = rest;
+                .map_err(|e| file_failure(e, false))?;
+        let bytes = frame_all(ctx, true, &dimse::request(cmd), max_data);
+        pdu::send_bytes(&mut self.writer, &bytes, t)
+            .await
+            .map_err(|e| SendFailure::Net(frame_error(&self.peer, Step::SendCommand, e, t)))?;
+        loop {
             if left == 0 {
-                self.buf = buf;
+                pdu::send_bytes(&mut self.writer, cur.get(..used).unwrap_or_default(), t)
+                    .await
+                    .map_err(|e| SendFailure::Net(frame_error(&self.peer, Step::SendData, e, t)))?;
+                self.buf = cur;
+                self.buf_next = next;
                 return Ok(());
             }
+            let reading = read_batch(file, next, ctx, max_data, pdus, left);
+            let sending = pdu::send_bytes(&mut self.writer, cur.get(..used).unwrap_or_default(), t);
+            let (sent, read) = tokio::join!(sending, reading);
+            sent.map_err(|e| SendFailure::Net(frame_error(&self.peer, Step::SendData, e, t)))?;
+            let filled;
+            (file, filled, used, left) = read.map_err(|e| file_failure(e, true))?;
+            next = std::mem::replace(&mut cur, filled);
         }
     }
 
@@ -1259,6 +1251,24 @@ fn pdv_pdu_header(ctx: u8, is_command: bool, is_last: bool, n: usize) -> [u8; PD
     h[10] = ctx;
     h[11] = u8::from(is_command) | (u8::from(is_last) << 1);
     h
+}
+
+/// [`fill_batch`] on a blocking thread; gives back the file, the filled buffer, the bytes of it
+/// used and the data still to send.
+async fn read_batch(
+    mut file: std::fs::File,
+    mut buf: Vec<u8>,
+    ctx: u8,
+    max_data: usize,
+    pdus: usize,
+    left: u64,
+) -> io::Result<(std::fs::File, Vec<u8>, usize, u64)> {
+    tokio::task::spawn_blocking(move || {
+        let (used, left) = fill_batch(&mut file, &mut buf, ctx, false, max_data, pdus, left)?;
+        Ok((file, buf, used, left))
+    })
+    .await
+    .map_err(|e| io::Error::other(e.to_string()))?
 }
 
 /// Fills `buf` with up to `pdus` PDUs of at most `max_data` data bytes each, read from `src`,
