@@ -389,7 +389,9 @@ impl Worker {
         }
         let mut results = Vec::with_capacity(leases.len());
         let mut unrecorded_bytes = 0u64;
-        let mut rest = leases.into_iter();
+        let mut rest = leases.into_iter().peekable();
+        // The next instance, opened and its first batch read while the current one is answered.
+        let mut prefetched: Option<(String, PrepareResult)> = None;
         while let Some(lease) = rest.next() {
             // Outcomes are recorded every few instances, not once per batch, so that a crash
             // re-sends little that was already delivered.
@@ -406,7 +408,7 @@ impl Worker {
                 continue;
             }
             let r = &lease.record;
-            if !c.can_send(&r.sop_class_uid, &r.transfer_syntax) {
+            let Some(ctx) = c.context_id(&r.sop_class_uid, &r.transfer_syntax) else {
                 let error = format!(
                     "the PACS accepted no presentation context for {} in {}; transcoding is not supported yet",
                     crate::sop::describe(&r.sop_class_uid),
@@ -420,12 +422,34 @@ impl Worker {
                     },
                 ));
                 continue;
-            }
+            };
             unrecorded_bytes += r.size;
-            let source = SpoolSlice::of(&self.data_dir, &r.location);
+            let max_data = c.max_data();
+            let prepared = match prefetched.take() {
+                Some((sop, p)) if sop == lease.sop_instance_uid => p,
+                _ => {
+                    let source = SpoolSlice::of(&self.data_dir, &r.location);
+                    upstream::prepare(source, ctx, max_data).await
+                }
+            };
+            // The next instance is prepared while this one is sent and answered.
+            let next = rest.peek().and_then(|l| {
+                let ctx = c.context_id(&l.record.sop_class_uid, &l.record.transfer_syntax)?;
+                let source = SpoolSlice::of(&self.data_dir, &l.record.location);
+                Some((l.sop_instance_uid.clone(), source, ctx))
+            });
             // PS3.7 section 9.1.1.1: Priority HIGH = 0x0001, MEDIUM = 0x0000.
             let priority = if lease.rank == 0 { 0x0001 } else { 0x0000 };
-            let (outcome, stop_batch) = match c.store(&source, priority).await {
+            let (stored, next) = tokio::join!(c.store_prepared(prepared, priority), async {
+                match next {
+                    Some((sop, source, ctx)) => {
+                        Some((sop, upstream::prepare(source, ctx, max_data).await))
+                    }
+                    None => None,
+                }
+            });
+            prefetched = next;
+            let (outcome, stop_batch) = match stored {
                 Ok(rsp) => {
                     let status = rsp.status;
                     let text = || status::describe_response(status, rsp.comment.as_deref());
@@ -537,6 +561,8 @@ impl Worker {
         }));
     }
 }
+
+type PrepareResult = Result<upstream::Prepared, (SpoolSlice, std::io::Error)>;
 
 /// The commit of a worker's last outcomes, while it runs.
 #[derive(Default)]

@@ -647,19 +647,59 @@ impl Upstream {
     ) -> Result<StoreResponse, UpstreamError> {
         self.check_usable()?;
         let source = source.into();
-        let peer = self.peer.clone();
-        let file_error = |e, association_lost| UpstreamError::File {
-            peer: peer.clone(),
-            path: source.path.clone(),
-            source: e,
-            association_lost,
-        };
         let (file, meta, len) = open_spool(source.clone())
             .await
-            .map_err(|e| file_error(e, false))?;
+            .map_err(|e| self.file_error(&source, e, false))?;
         let Some(ctx) = self.context_for(&meta.sop_class_uid, &meta.transfer_syntax) else {
             return Err(self.no_context(&meta.sop_class_uid, &meta.transfer_syntax));
         };
+        let max_data = self.max_data();
+        let buf = std::mem::take(&mut self.buf);
+        let first = read_batch(file, buf, ctx, max_data, batch_pdus(max_data), len)
+            .await
+            .map_err(|e| self.file_error(&source, e, false))?;
+        let prepared = Prepared {
+            source,
+            meta,
+            len,
+            ctx,
+            max_data,
+            first,
+        };
+        self.store_prepared(Ok(prepared), priority).await
+    }
+
+    /// The presentation context for instances of `sop_class` in `ts` on this association, if
+    /// the PACS accepted one ([`prepare`] needs it).
+    pub fn context_id(&self, sop_class: &str, ts: &str) -> Option<u8> {
+        self.context_for(sop_class, ts)
+    }
+
+    /// Sends an instance [`prepare`]d for this association (its file opened and its first
+    /// batch read while the previous instance was still being answered) and returns the PACS's
+    /// answer. `prepared` carries the preparation's error, reported as [`Self::store`] would.
+    pub async fn store_prepared(
+        &mut self,
+        prepared: Result<Prepared, (SpoolSlice, io::Error)>,
+        priority: u16,
+    ) -> Result<StoreResponse, UpstreamError> {
+        self.check_usable()?;
+        let p = prepared.map_err(|(source, e)| self.file_error(&source, e, false))?;
+        let Prepared {
+            source,
+            meta,
+            len,
+            ctx,
+            max_data,
+            first,
+        } = p;
+        if self.context_for(&meta.sop_class_uid, &meta.transfer_syntax) != Some(ctx)
+            || max_data != self.max_data()
+        {
+            // Prepared for another association, or the file's meta names another class or
+            // syntax than the index did.
+            return Err(self.no_context(&meta.sop_class_uid, &meta.transfer_syntax));
+        }
         let cmd = Command {
             command_field: C_STORE_RQ,
             message_id: self.next_message_id(),
@@ -669,13 +709,13 @@ impl Upstream {
             has_dataset: true,
             ..Command::default()
         };
-        let result = match self.send_store(ctx, &cmd, file, len).await {
+        let result = match self.send_store(ctx, &cmd, first).await {
             Ok(()) => self.await_response(ctx, &cmd).await,
             Err(SendFailure::Net(e)) => Err(e),
             Err(SendFailure::File {
-                source,
+                source: e,
                 sent_command,
-            }) => Err(file_error(source, sent_command)),
+            }) => Err(self.file_error(&source, e, sent_command)),
         };
         match result {
             Ok(rsp) => Ok(StoreResponse {
@@ -685,6 +725,20 @@ impl Upstream {
                 bytes: len,
             }),
             Err(e) => Err(self.fail(e).await),
+        }
+    }
+
+    fn file_error(
+        &self,
+        source: &SpoolSlice,
+        e: io::Error,
+        association_lost: bool,
+    ) -> UpstreamError {
+        UpstreamError::File {
+            peer: self.peer.clone(),
+            path: source.path.clone(),
+            source: e,
+            association_lost,
         }
     }
 
@@ -794,7 +848,7 @@ impl Upstream {
     /// PDV data bytes per PDU (at least 1012, as `send_max_pdu` >= [`MIN_PEER_PDU`]). 12 rather
     /// than 6 bytes of overhead are subtracted, as DCMTK does, for peers that count the PDU
     /// header against their limit.
-    fn max_data(&self) -> usize {
+    pub fn max_data(&self) -> usize {
         (self.send_max_pdu as usize)
             .saturating_sub(PDV_PDU_HEADER)
             .max(1)
@@ -846,32 +900,20 @@ impl Upstream {
         }
     }
 
-    /// Sends the C-STORE-RQ command and the dataset. The first batch is read before the
-    /// command goes out, so an unreadable file leaves the association clean. Each later batch
-    /// is read (on a blocking thread) while the one before it is being sent.
+    /// Sends the C-STORE-RQ command and the dataset, whose first batch `first` was read before
+    /// (so an unreadable file leaves the association clean). Each later batch is read (on a
+    /// blocking thread) while the one before it is being sent.
     async fn send_store(
         &mut self,
         ctx: u8,
         cmd: &Command,
-        file: std::fs::File,
-        len: u64,
+        first: Batch,
     ) -> Result<(), SendFailure> {
         let max_data = self.max_data();
-        let pdus = (BATCH_BYTES / (PDV_PDU_HEADER + max_data)).max(1);
-        let size = pdus * (PDV_PDU_HEADER + max_data);
+        let pdus = batch_pdus(max_data);
         let mut next = std::mem::take(&mut self.buf_next);
-        next.resize(size, 0);
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.resize(size, 0);
         let t = self.dimse_timeout;
-        let file_failure = |source, sent_command| SendFailure::File {
-            source,
-            sent_command,
-        };
-        let (mut file, mut cur, mut used, mut left) =
-            read_batch(file, buf, ctx, max_data, pdus, len)
-                .await
-                .map_err(|e| file_failure(e, false))?;
+        let (mut file, mut cur, mut used, mut left) = first;
         let bytes = frame_all(ctx, true, &dimse::request(cmd), max_data);
         pdu::send_bytes(&mut self.writer, &bytes, t)
             .await
@@ -890,7 +932,10 @@ impl Upstream {
             let (sent, read) = tokio::join!(sending, reading);
             sent.map_err(|e| SendFailure::Net(frame_error(&self.peer, Step::SendData, e, t)))?;
             let filled;
-            (file, filled, used, left) = read.map_err(|e| file_failure(e, true))?;
+            (file, filled, used, left) = read.map_err(|source| SendFailure::File {
+                source,
+                sent_command: true,
+            })?;
             next = std::mem::replace(&mut cur, filled);
         }
     }
@@ -1211,32 +1256,36 @@ fn apply_ac(contexts: &mut [ProposedContext], ac: &AssociationAC) -> Result<u32,
 /// Opens a spooled Part 10 file and reads its file meta group (off the runtime). Returns the
 /// file positioned at the dataset, the meta, and the dataset length.
 async fn open_spool(source: SpoolSlice) -> io::Result<(std::fs::File, FileMeta, u64)> {
-    tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::File::open(&source.path)?;
-        let size = match source.len {
-            Some(n) => n,
-            None => file.metadata()?.len().saturating_sub(source.offset),
-        };
-        file.seek(io::SeekFrom::Start(source.offset))?;
-        let (meta, offset) = spool::read_header(&mut file)?;
-        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
-        if uid::validate(&meta.sop_class_uid).is_none()
-            || uid::validate(&meta.sop_instance_uid).is_none()
-        {
-            return Err(bad(
-                "file meta group lacks a valid SOP Class or SOP Instance UID",
-            ));
-        }
-        if uid::validate(&meta.transfer_syntax).is_none() {
-            return Err(bad("file meta group lacks a valid Transfer Syntax UID"));
-        }
-        let len = size
-            .checked_sub(offset)
-            .ok_or_else(|| bad("file shorter than its meta group"))?;
-        Ok((file, meta, len))
-    })
-    .await
-    .map_err(|e| io::Error::other(e.to_string()))?
+    tokio::task::spawn_blocking(move || open_spool_blocking(&source))
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?
+}
+
+/// Opens a spool file, reads its file meta group and checks its UIDs; returns the file
+/// positioned at the dataset, the meta and the dataset length.
+fn open_spool_blocking(source: &SpoolSlice) -> io::Result<(std::fs::File, FileMeta, u64)> {
+    let mut file = std::fs::File::open(&source.path)?;
+    let size = match source.len {
+        Some(n) => n,
+        None => file.metadata()?.len().saturating_sub(source.offset),
+    };
+    file.seek(io::SeekFrom::Start(source.offset))?;
+    let (meta, offset) = spool::read_header(&mut file)?;
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    if uid::validate(&meta.sop_class_uid).is_none()
+        || uid::validate(&meta.sop_instance_uid).is_none()
+    {
+        return Err(bad(
+            "file meta group lacks a valid SOP Class or SOP Instance UID",
+        ));
+    }
+    if uid::validate(&meta.transfer_syntax).is_none() {
+        return Err(bad("file meta group lacks a valid Transfer Syntax UID"));
+    }
+    let len = size
+        .checked_sub(offset)
+        .ok_or_else(|| bad("file shorter than its meta group"))?;
+    Ok((file, meta, len))
 }
 
 /// The 12 bytes before `n` data bytes: a P-DATA-TF PDU with one PDV item (PS3.8 sections
@@ -1253,8 +1302,16 @@ fn pdv_pdu_header(ctx: u8, is_command: bool, is_last: bool, n: usize) -> [u8; PD
     h
 }
 
-/// [`fill_batch`] on a blocking thread; gives back the file, the filled buffer, the bytes of it
-/// used and the data still to send.
+/// A batch of framed dataset PDUs read from a file: the file (positioned after it), the
+/// buffer, the bytes of it used, and the dataset bytes still to send.
+type Batch = (std::fs::File, Vec<u8>, usize, u64);
+
+/// PDUs per batch of about [`BATCH_BYTES`].
+fn batch_pdus(max_data: usize) -> usize {
+    (BATCH_BYTES / (PDV_PDU_HEADER + max_data)).max(1)
+}
+
+/// [`fill_batch`] into `buf` (sized here) on a blocking thread.
 async fn read_batch(
     mut file: std::fs::File,
     mut buf: Vec<u8>,
@@ -1262,13 +1319,58 @@ async fn read_batch(
     max_data: usize,
     pdus: usize,
     left: u64,
-) -> io::Result<(std::fs::File, Vec<u8>, usize, u64)> {
+) -> io::Result<Batch> {
     tokio::task::spawn_blocking(move || {
+        buf.resize(pdus * (PDV_PDU_HEADER + max_data), 0);
         let (used, left) = fill_batch(&mut file, &mut buf, ctx, false, max_data, pdus, left)?;
         Ok((file, buf, used, left))
     })
     .await
     .map_err(|e| io::Error::other(e.to_string()))?
+}
+
+/// An instance ready to be sent on an association: its spool file opened and checked, and its
+/// first batch of PDUs read for presentation context `ctx` and `max_data` bytes per PDU.
+pub struct Prepared {
+    source: SpoolSlice,
+    meta: FileMeta,
+    len: u64,
+    ctx: u8,
+    max_data: usize,
+    first: Batch,
+}
+
+/// Opens `source` and reads its first batch on a blocking thread, for an association where
+/// its class and syntax have context `ctx` and PDUs carry `max_data` bytes
+/// ([`Upstream::context_id`], [`Upstream::max_data`]); meant to run while the previous
+/// instance is being answered. Memory: one batch (about [`BATCH_BYTES`]).
+pub async fn prepare(
+    source: SpoolSlice,
+    ctx: u8,
+    max_data: usize,
+) -> Result<Prepared, (SpoolSlice, io::Error)> {
+    let s = source.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let (mut file, meta, len) = open_spool_blocking(&s)?;
+        let pdus = batch_pdus(max_data);
+        let mut buf = vec![0u8; pdus * (PDV_PDU_HEADER + max_data)];
+        let (used, left) = fill_batch(&mut file, &mut buf, ctx, false, max_data, pdus, len)?;
+        Ok((meta, len, (file, buf, used, left)))
+    })
+    .await
+    .map_err(|e| io::Error::other(e.to_string()))
+    .and_then(|r| r);
+    match r {
+        Ok((meta, len, first)) => Ok(Prepared {
+            source,
+            meta,
+            len,
+            ctx,
+            max_data,
+            first,
+        }),
+        Err(e) => Err((source, e)),
+    }
 }
 
 /// Fills `buf` with up to `pdus` PDUs of at most `max_data` data bytes each, read from `src`,
