@@ -21,7 +21,9 @@ use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_gateway::config::{Config, Destination};
 use dicom_gateway::forward::status::{self, Disposition};
-use dicom_gateway::forward::upstream::{ContextResult, Offer, Upstream, UpstreamError};
+use dicom_gateway::forward::upstream::{
+    self as upstream, ContextResult, Offer, Upstream, UpstreamError,
+};
 use dicom_gateway::store::spool::{self, FileMeta};
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
@@ -460,6 +462,33 @@ async fn an_instance_without_a_matching_context_is_refused_before_sending() {
             "{e}"
         );
         assert_eq!(status::classify_error(&e), Disposition::Failed);
+
+        // The forwarder's path: the next instance prepared while the previous one is in
+        // flight. A good one is sent; a missing file is the same file error, nothing sent; one
+        // prepared for a context its file does not match is refused, nothing sent.
+        let ctx = up
+            .context_id(CT, IMPLICIT)
+            .expect("CT in implicit VR accepted");
+        let good = upstream::prepare((&implicit).into(), ctx, up.max_data()).await;
+        assert_eq!(up.store_prepared(good, 0).await.unwrap().status, 0);
+        let gone = dir.path().join("gone.dcm");
+        let missing = upstream::prepare((&gone).into(), ctx, up.max_data()).await;
+        assert!(missing.is_err());
+        let e = up.store_prepared(missing, 0).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                UpstreamError::File {
+                    association_lost: false,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let other_ctx = ctx.wrapping_add(2);
+        let wrong = upstream::prepare((&implicit).into(), other_ctx, up.max_data()).await;
+        let e = up.store_prepared(wrong, 0).await.unwrap_err();
+        assert!(matches!(e, UpstreamError::NoContext { .. }), "{e}");
 
         // Nothing was sent: the association is still good.
         assert_eq!(up.echo().await.unwrap(), 0x0000);
