@@ -10,12 +10,13 @@
 //!
 //! Invariants:
 //! - A `.spare` file is complete: it got its name only after its zeros were flushed, so its
-//!   blocks are allocated and written. Any other file in the directory (an interrupted
-//!   `making.tmp`, a file of the wrong length) is deleted at start-up.
+//!   blocks are allocated and written. A `making.tmp` that failed or was stopped is deleted at
+//!   once; any other file in the directory (one a crash interrupted, a file of the wrong
+//!   length) is deleted at start-up.
 //! - A spare holds nothing: deleting one loses no data (the disk reserve does that first).
-//! - Spares are made only while no instance arrived for [`IDLE_FOR`], and only while the disk
-//!   has [`HEADROOM`] free beyond the reserve and the spare; making one pauses as soon as an
-//!   instance arrives.
+//! - Spares are made only while the disk has [`HEADROOM`] free beyond the reserve and the
+//!   spare: before READY in a store without segments (the disk is idle then), otherwise only
+//!   after [`IDLE_FOR`] without an arriving instance, paced, pausing as soon as one arrives.
 
 use std::fs::{self, OpenOptions};
 use std::io;
