@@ -21,8 +21,9 @@
 //! - name resolution, TCP connect, TLS handshake and negotiation share one deadline,
 //!   `connect_timeout`;
 //! - every PDU write and every wait for a response is limited by `dimse_timeout`;
-//! - a dataset is read from the file straight into PDU-framed buffers of about [`BATCH_BYTES`];
-//!   nothing else of it is held in memory;
+//! - a dataset is read from the file straight into PDU-framed buffers of about [`BATCH_BYTES`]:
+//!   at most three per association (the batch being sent, the next one being read, and the
+//!   first batch of the next instance, [`prepare`]); nothing else of it is held in memory;
 //! - PDUs from the PACS are limited to [`RECEIVE_MAX_PDU`] (announced), control PDUs to 1 MiB.
 //!
 //! After an error for which [`UpstreamError::is_connection_level`] is true the association is
