@@ -1,5 +1,5 @@
 //! The accept loop: one task per listening socket; each accepted association runs on a thread
-//! of its own ([`on_own_thread`]).
+//! of its own (`on_own_thread`).
 //!
 //! Backpressure: an association runs only while it holds a permit of the shared semaphore
 //! (`gateway.max_associations`). A connection that finds none is answered A-ASSOCIATE-RJ

@@ -601,56 +601,6 @@ pub fn remove_delivered(
     Ok(())
 }
 
-/// Removes every entry of `sop`, whatever its state, with its counts (an instance dropped at
-/// start-up because it was never acknowledged, see [`super::index::verify_unsettled`]).
-pub fn remove_entries(txn: &WriteTransaction, sop: &str) -> IndexResult<()> {
-    let dests: Vec<String> = {
-        let t = txn.open_table(STATS).map_err(err)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(err)? {
-            out.push(row.map_err(err)?.0.value().to_owned());
-        }
-        out
-    };
-    for d in &dests {
-        let d = d.as_str();
-        let Some(e) = get_entry(txn, d, sop)? else {
-            continue;
-        };
-        match e.state {
-            State::Pending => {
-                txn.open_table(READY)
-                    .map_err(err)?
-                    .remove((d, e.rank, e.seq))
-                    .map_err(err)?;
-            }
-            State::InFlight => {
-                txn.open_table(INFLIGHT)
-                    .map_err(err)?
-                    .remove((d, e.seq))
-                    .map_err(err)?;
-            }
-            State::Failed => {
-                txn.open_table(FAILED)
-                    .map_err(err)?
-                    .remove((d, e.seq))
-                    .map_err(err)?;
-            }
-            State::Delivered => {}
-        }
-        adjust(txn, d, |c| match e.state {
-            State::Pending | State::InFlight => c.pending = c.pending.saturating_sub(1),
-            State::Failed => c.failed = c.failed.saturating_sub(1),
-            State::Delivered => c.delivered = c.delivered.saturating_sub(1),
-        })?;
-        txn.open_table(QUEUE)
-            .map_err(err)?
-            .remove((d, sop))
-            .map_err(err)?;
-    }
-    Ok(())
-}
-
 /// Destinations that have queue statistics (configured now or in the past).
 pub fn known_destinations(db: &Database) -> IndexResult<Vec<String>> {
     let txn = db.begin_read().map_err(err)?;

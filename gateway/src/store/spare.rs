@@ -120,7 +120,7 @@ impl Spares {
         n
     }
 
-    /// Writes one spare: zeros in [`CHUNK`]s, `pace` apart, waiting before each while `pause()`
+    /// Writes one spare: zeros in chunks of 1 MiB, `pace` apart, waiting before each while `pause()`
     /// says so and giving up when `stop()` does; then flushes it and gives it its name. Returns
     /// whether a spare was made. An unfinished one is deleted (a full disk keeps no partial
     /// spare). Blocking; one caller at a time.
