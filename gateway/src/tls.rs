@@ -392,16 +392,6 @@ impl Listeners {
     }
 }
 
-/// Re-reads the certificates, keys and client CA bundles of every TLS listener of `config`
-/// (SIGHUP, or a configuration reload). All or nothing: if any file is missing or broken
-/// (unreadable, key not matching, expired, key readable by others), every listener keeps the
-/// configuration in service and the error says which file and why. Returns the TLS listeners
-/// reloaded.
-pub fn reload_tls(listeners: &Listeners, config: &Config) -> Result<Vec<SocketAddr>, TlsError> {
-    let prepared = prepare_listeners(config)?;
-    Ok(listeners.apply(prepared))
-}
-
 // ---------------------------------------------------------------------------------------------
 // Upstream side
 // ---------------------------------------------------------------------------------------------

@@ -100,11 +100,6 @@ impl Spares {
         lock(&self.ready).pop()
     }
 
-    /// Puts back a spare the caller could not use.
-    pub fn put_back(&self, path: PathBuf) {
-        lock(&self.ready).push(path);
-    }
-
     /// Deletes every ready spare, to give their space back; returns how many. Blocking.
     pub fn release(&self) -> usize {
         let all = std::mem::take(&mut *lock(&self.ready));
