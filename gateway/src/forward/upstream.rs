@@ -517,9 +517,9 @@ pub struct Upstream {
     message_id: u16,
     /// Set after a connection-level error: nothing more may be sent.
     broken: bool,
-    /// The dataset batch buffers (one being sent, one being filled), reused from one
-    /// instance to the next.
-    buf: Vec<u8>,
+    /// The buffer later batches of a dataset are read into while the one before is sent
+    /// (the first batch comes with the [`Prepared`] instance); reused from one instance to the
+    /// next.
     buf_next: Vec<u8>,
 }
 
@@ -610,7 +610,6 @@ impl Upstream {
             dimse_timeout: dest.dimse_timeout,
             message_id: 0,
             broken: false,
-            buf: Vec::new(),
             buf_next: Vec::new(),
         })
     }
@@ -655,19 +654,11 @@ impl Upstream {
             return Err(self.no_context(&meta.sop_class_uid, &meta.transfer_syntax));
         };
         let max_data = self.max_data();
-        let buf = std::mem::take(&mut self.buf);
-        let first = read_batch(file, buf, ctx, max_data, batch_pdus(max_data), len)
-            .await
-            .map_err(|e| self.file_error(&source, e, false))?;
-        let prepared = Prepared {
-            source,
-            meta,
-            len,
-            ctx,
-            max_data,
-            first,
-        };
-        self.store_prepared(Ok(prepared), priority).await
+        let prepared = blocking(source.clone(), move || {
+            Prepared::read_first(source, (file, meta, len), ctx, max_data)
+        })
+        .await;
+        self.store_prepared(prepared, priority).await
     }
 
     /// The presentation context for instances of `sop_class` in `ts` on this association, if
@@ -924,7 +915,6 @@ impl Upstream {
                 pdu::send_bytes(&mut self.writer, cur.get(..used).unwrap_or_default(), t)
                     .await
                     .map_err(|e| SendFailure::Net(frame_error(&self.peer, Step::SendData, e, t)))?;
-                self.buf = cur;
                 self.buf_next = next;
                 return Ok(());
             }
@@ -1341,6 +1331,30 @@ pub struct Prepared {
     first: Batch,
 }
 
+impl Prepared {
+    /// Reads the first batch of `opened` (from [`open_spool_blocking`]). Blocking.
+    fn read_first(
+        source: SpoolSlice,
+        (mut file, meta, len): (std::fs::File, FileMeta, u64),
+        ctx: u8,
+        max_data: usize,
+    ) -> Result<Prepared, (SpoolSlice, io::Error)> {
+        let pdus = batch_pdus(max_data);
+        let mut buf = vec![0u8; pdus * (PDV_PDU_HEADER + max_data)];
+        match fill_batch(&mut file, &mut buf, ctx, false, max_data, pdus, len) {
+            Ok((used, left)) => Ok(Prepared {
+                source,
+                meta,
+                len,
+                ctx,
+                max_data,
+                first: (file, buf, used, left),
+            }),
+            Err(e) => Err((source, e)),
+        }
+    }
+}
+
 /// Opens `source` and reads its first batch on a blocking thread, for an association where
 /// its class and syntax have context `ctx` and PDUs carry `max_data` bytes
 /// ([`Upstream::context_id`], [`Upstream::max_data`]); meant to run while the previous
@@ -1350,28 +1364,21 @@ pub async fn prepare(
     ctx: u8,
     max_data: usize,
 ) -> Result<Prepared, (SpoolSlice, io::Error)> {
-    let s = source.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        let (mut file, meta, len) = open_spool_blocking(&s)?;
-        let pdus = batch_pdus(max_data);
-        let mut buf = vec![0u8; pdus * (PDV_PDU_HEADER + max_data)];
-        let (used, left) = fill_batch(&mut file, &mut buf, ctx, false, max_data, pdus, len)?;
-        Ok((meta, len, (file, buf, used, left)))
+    blocking(source.clone(), move || match open_spool_blocking(&source) {
+        Ok(opened) => Prepared::read_first(source, opened, ctx, max_data),
+        Err(e) => Err((source, e)),
     })
     .await
-    .map_err(|e| io::Error::other(e.to_string()))
-    .and_then(|r| r);
-    match r {
-        Ok((meta, len, first)) => Ok(Prepared {
-            source,
-            meta,
-            len,
-            ctx,
-            max_data,
-            first,
-        }),
-        Err(e) => Err((source, e)),
-    }
+}
+
+/// Runs a preparation on the blocking pool; a failed task is an error about `source`.
+async fn blocking(
+    source: SpoolSlice,
+    f: impl FnOnce() -> Result<Prepared, (SpoolSlice, io::Error)> + Send + 'static,
+) -> Result<Prepared, (SpoolSlice, io::Error)> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err((source, io::Error::other(e.to_string()))))
 }
 
 /// Fills `buf` with up to `pdus` PDUs of at most `max_data` data bytes each, read from `src`,
