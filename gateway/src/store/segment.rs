@@ -188,17 +188,9 @@ impl Segment {
             .write(true)
             .create_new(true)
             .open(&path)?;
-        let salt = write_segment_header(&file, id)?;
-        file.sync_all()?;
+        let segment = Segment::with_header(id, file, path, false)?;
         spool::fsync_dir(&data_dir.join(SEGMENT_DIR))?;
-        Ok(Segment {
-            id,
-            file,
-            path,
-            salt,
-            end: SEGMENT_HEADER,
-            prewritten: false,
-        })
+        Ok(segment)
     }
 
     /// Makes segment `id` of the spare file at `spare` ([`super::spare`]): renames it into
@@ -219,15 +211,31 @@ impl Segment {
         if let Some(dir) = spare.parent() {
             spool::fsync_dir(dir)?;
         }
-        let salt = write_segment_header(&file, id)?;
-        file.sync_data()?;
+        Segment::with_header(id, file, path, true)
+    }
+
+    /// Writes the header of segment `id` (a new salt) at the start of `file` and flushes it: the
+    /// inode too unless the file was `prewritten` to its length.
+    fn with_header(id: u64, file: File, path: PathBuf, prewritten: bool) -> io::Result<Segment> {
+        let mut salt = [0u8; 32];
+        getrandom(&mut salt)?;
+        let mut h = [0u8; SEGMENT_HEADER as usize];
+        h[..8].copy_from_slice(SEGMENT_MAGIC);
+        h[8..16].copy_from_slice(&id.to_le_bytes());
+        h[16..48].copy_from_slice(&salt);
+        file.write_all_at(&h, 0)?;
+        if prewritten {
+            file.sync_data()?;
+        } else {
+            file.sync_all()?;
+        }
         Ok(Segment {
             id,
             file,
             path,
             salt,
             end: SEGMENT_HEADER,
-            prewritten: true,
+            prewritten,
         })
     }
 
@@ -311,18 +319,6 @@ impl Segment {
             let _ = self.file.set_len(self.end);
         }
     }
-}
-
-/// Writes a segment header for `id` with a new salt at the start of `file`; returns the salt.
-fn write_segment_header(file: &File, id: u64) -> io::Result<[u8; 32]> {
-    let mut salt = [0u8; 32];
-    getrandom(&mut salt)?;
-    let mut h = [0u8; SEGMENT_HEADER as usize];
-    h[..8].copy_from_slice(SEGMENT_MAGIC);
-    h[8..16].copy_from_slice(&id.to_le_bytes());
-    h[16..48].copy_from_slice(&salt);
-    file.write_all_at(&h, 0)?;
-    Ok(salt)
 }
 
 fn getrandom(buf: &mut [u8]) -> io::Result<()> {

@@ -59,7 +59,7 @@ pub(crate) fn read_dataset(data_dir: &Path, rec: &InstanceRecord) -> io::Result<
     Ok(out)
 }
 
-async fn store_one(store: &Store, sop: &str, data: &[u8]) -> CommitOutcome {
+fn store_one(store: &Store, sop: &str, data: &[u8]) -> CommitOutcome {
     let mut i = store.begin(incoming(sop)).unwrap();
     i.write(data).unwrap();
     i.finish().unwrap().outcome
@@ -93,12 +93,12 @@ async fn acknowledged_instance_is_in_its_segment_indexed_and_queued() {
     let dir = tempfile::tempdir().unwrap();
     let (store, rt, _) = open(dir.path(), &["pacs"]);
     assert_eq!(
-        store_one(&store, "1.9.1", &dataset("1.9.1")).await,
+        store_one(&store, "1.9.1", &dataset("1.9.1")),
         CommitOutcome::Stored
     );
     // Same bytes again: a duplicate, not a second copy.
     assert_eq!(
-        store_one(&store, "1.9.1", &dataset("1.9.1")).await,
+        store_one(&store, "1.9.1", &dataset("1.9.1")),
         CommitOutcome::Duplicate
     );
     let (counts, _) = queue::stats(store.db(), "pacs").unwrap();
@@ -163,7 +163,7 @@ async fn commits_lost_with_the_stop_are_rebuilt_from_the_records() {
     let dir = tempfile::tempdir().unwrap();
     let (store, rt, _) = open(dir.path(), &["pacs"]);
     assert_eq!(
-        store_one(&store, "1.9.1", &dataset("1.9.1")).await,
+        store_one(&store, "1.9.1", &dataset("1.9.1")),
         CommitOutcome::Stored
     );
     drop(store);
@@ -172,20 +172,14 @@ async fn commits_lost_with_the_stop_are_rebuilt_from_the_records() {
 
     let (store, rt, _) = open(dir.path(), &["pacs"]);
     for sop in ["1.9.2", "1.9.3", "1.9.4"] {
-        assert_eq!(
-            store_one(&store, sop, &dataset(sop)).await,
-            CommitOutcome::Stored
-        );
+        assert_eq!(store_one(&store, sop, &dataset(sop)), CommitOutcome::Stored);
     }
     // A new version of 1.9.1 and a duplicate of 1.9.2, in record order.
     let mut v2 = dataset("1.9.1");
     v2.extend_from_slice(b"\x20\x00\x11\x00IS\x02\x007 ");
+    assert_eq!(store_one(&store, "1.9.1", &v2), CommitOutcome::Replaced);
     assert_eq!(
-        store_one(&store, "1.9.1", &v2).await,
-        CommitOutcome::Replaced
-    );
-    assert_eq!(
-        store_one(&store, "1.9.2", &dataset("1.9.2")).await,
+        store_one(&store, "1.9.2", &dataset("1.9.2")),
         CommitOutcome::Duplicate
     );
     drop(store);
@@ -226,7 +220,7 @@ async fn an_unfinished_or_torn_record_is_never_indexed() {
     let before = snapshot(dir.path());
     let (store, rt, _) = open(dir.path(), &["pacs"]);
     for sop in ["1.9.2", "1.9.3"] {
-        store_one(&store, sop, &dataset(sop)).await;
+        store_one(&store, sop, &dataset(sop));
     }
     let rows = index::all_instances(store.db().as_ref()).unwrap();
     drop(store);
@@ -259,7 +253,7 @@ async fn an_unfinished_or_torn_record_is_never_indexed() {
 async fn a_lost_segment_is_reported_and_empty_segments_are_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let (store, rt, _) = open(dir.path(), &["pacs"]);
-    store_one(&store, "1.9.1", &dataset("1.9.1")).await;
+    store_one(&store, "1.9.1", &dataset("1.9.1"));
     let seg = index::get(store.db().as_ref(), "1.9.1")
         .unwrap()
         .unwrap()
@@ -277,7 +271,7 @@ async fn a_lost_segment_is_reported_and_empty_segments_are_deleted() {
     assert!(!torn.exists());
     // The row stays (its forwarding fails visibly), and new segments get new ids.
     assert!(index::get(store.db().as_ref(), "1.9.1").unwrap().is_some());
-    store_one(&store, "1.9.2", &dataset("1.9.2")).await;
+    store_one(&store, "1.9.2", &dataset("1.9.2"));
     let new = index::get(store.db().as_ref(), "1.9.2")
         .unwrap()
         .unwrap()
@@ -287,10 +281,7 @@ async fn a_lost_segment_is_reported_and_empty_segments_are_deleted() {
     // Replaced: the segment of the only live row moves; the old one is deleted when closed.
     let mut v2 = dataset("1.9.2");
     v2.extend_from_slice(b"\x20\x00\x11\x00IS\x02\x007 ");
-    assert_eq!(
-        store_one(&store, "1.9.2", &v2).await,
-        CommitOutcome::Replaced
-    );
+    assert_eq!(store_one(&store, "1.9.2", &v2), CommitOutcome::Replaced);
     drop(store);
     rt.close().unwrap();
     let (store, _rt, rec) = open(dir.path(), &["pacs"]);
@@ -507,9 +498,7 @@ fn segments_made_of_spares_hold_records_across_a_crash() {
     for n in 0..10 {
         let sop = format!("1.8.{n}");
         let data = dataset(&sop);
-        let mut i = store.begin(incoming(&sop)).unwrap();
-        i.write(&data).unwrap();
-        assert_eq!(i.finish().unwrap().outcome, CommitOutcome::Stored);
+        assert_eq!(store_one(&store, &sop, &data), CommitOutcome::Stored);
         sent.insert(sop, data);
     }
     // A large instance abandoned half-way (its association aborted), then another one that
@@ -567,7 +556,10 @@ fn unfinished_spares_are_deleted_at_start_up() {
     let spare_len = 256 * 1024 + spare::SLACK;
     let dir = tempfile::tempdir().unwrap();
     let (store, rt, _) = open_spares(dir.path(), 1, 0);
-    store_one_sync(&store, "1.7.1");
+    assert_eq!(
+        store_one(&store, "1.7.1", &dataset("1.7.1")),
+        CommitOutcome::Stored
+    );
     drop(store);
     rt.close().unwrap();
     let spares = dir.path().join(segment::SEGMENT_DIR).join(spare::SPARE_DIR);
@@ -587,12 +579,6 @@ fn unfinished_spares_are_deleted_at_start_up() {
     assert_eq!(index::all_instances(store.db().as_ref()).unwrap().len(), 1);
     drop(store);
     rt.close().unwrap();
-}
-
-fn store_one_sync(store: &Store, sop: &str) {
-    let mut i = store.begin(incoming(sop)).unwrap();
-    i.write(&dataset(sop)).unwrap();
-    assert_eq!(i.finish().unwrap().outcome, CommitOutcome::Stored);
 }
 
 /// At the disk reserve the spares are deleted before an instance is refused; while the disk
