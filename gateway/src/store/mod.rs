@@ -306,9 +306,8 @@ impl Store {
         let mut pool = segment::Pool::new(data_dir, next_id);
         let mut maker = None;
         if spare_segments > 0 {
-            pool = pool
-                .with_spares(spare_segments)
-                .map_err(io_err(&pool_dir(data_dir)))?;
+            let dir = pool.dir();
+            pool = pool.with_spares(spare_segments).map_err(io_err(&dir))?;
             if let Some(spares) = pool.spares() {
                 // A store that holds no segment is new (or empty): the disk is idle, so the
                 // spares are made now, before the first instance, rather than during it.
@@ -930,10 +929,6 @@ pub fn reap(db: &Database, data_dir: &Path, open: &dyn Fn(u64) -> bool) -> Resul
     }
     txn.commit().map_err(|e| e.to_string())?;
     Ok(removed)
-}
-
-fn pool_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join(segment::SEGMENT_DIR)
 }
 
 fn open_read_only(data_dir: &Path) -> Result<redb::ReadOnlyDatabase, String> {
